@@ -1,0 +1,20 @@
+"""Quickstart: a small VGG on scikit-learn's handwritten digits, offline, ~1 min on 2 cores.
+
+    python -m eb_jax.main --config configs/quickstart.py
+
+Reaches about 97 % test accuracy (1 437 training / 360 test images of 8x8 digits).
+"""
+
+from eb_jax.config import default_config
+
+
+def get_config():
+    config = default_config()
+    config.model = "vgg_small"
+    config.dataset = "digits"
+    config.num_epochs = 20
+    config.batch_size = 64
+    config.eval_batch_size = 120
+    config.lr_boundaries = (10, 15)
+    config.log_every_steps = 0  # epochs are short: one line per epoch
+    return config

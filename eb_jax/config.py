@@ -1,0 +1,54 @@
+"""Shared configuration defaults and the checks every run's config must pass.
+
+Config files in `configs/` start from `default_config()` and override what differs.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message says which and how to fix it."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The paper's CIFAR search protocol (PAPER.md §4) on VGG16."""
+    c = ml_collections.ConfigDict()
+    c.model = "vgg16"  # a name in eb_jax.models.MODELS
+    c.dataset = "cifar10"  # a name in eb_jax.data.DATASETS
+    c.data_dir = ""  # TFDS data_dir; '' = TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
+    c.num_epochs = 160
+    c.batch_size = 256  # global, over all devices and hosts
+    c.eval_batch_size = 256
+    c.learning_rate = 0.1
+    c.lr_boundaries = (80, 120)  # epochs at whose start lr *= lr_decay
+    c.lr_decay = 0.1
+    c.momentum = 0.9  # PyTorch SGD semantics, no Nesterov
+    c.weight_decay = 1e-4  # on all parameters, BN included, as in the original
+    c.sparsity = 1e-4  # s: s*sign(scale) added to every BN scale gradient; 0 disables
+    c.seed = 0
+    c.conv_impl = "auto"  # 'auto' (fast path picked per backend), 'xla' or 'patches'
+    c.cpu_xla_flags = True  # XLA's Eigen convolution on CPU (eb_jax.platform)
+    c.log_every_steps = 100  # progress lines within an epoch
+    c.num_data_threads = 4
+    return c
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raises ConfigError for values no run can use."""
+    for field in ("batch_size", "eval_batch_size"):
+        value = config[field]
+        if value <= 0 or value % num_devices:
+            raise ConfigError(
+                f"{field}={value} must be a positive multiple of the {num_devices} devices; "
+                f"set --config.{field}={max(num_devices, value // num_devices * num_devices)}"
+            )
+    if config.num_epochs <= 0:
+        raise ConfigError(f"num_epochs={config.num_epochs} must be positive")
+    if list(config.lr_boundaries) != sorted(config.lr_boundaries):
+        raise ConfigError(f"lr_boundaries={tuple(config.lr_boundaries)} must be ascending epochs")
+    if config.learning_rate <= 0:
+        raise ConfigError(f"learning_rate={config.learning_rate} must be positive")
+    if config.sparsity < 0 or config.weight_decay < 0:
+        raise ConfigError("sparsity and weight_decay must be >= 0")

@@ -1,0 +1,212 @@
+"""TFDS data sources read through grain: shuffling, augmentation, batching, sharding.
+
+Every dataset, the offline digits included, is a prepared TFDS dataset in `data_dir`
+opened with `tfds.data_source` (random access, no TensorFlow). A training epoch is a
+grain `MapDataset` indexed by step, so resuming at step k of epoch e replays exactly the
+same batches. Batches are dicts of numpy arrays: 'image' float32 NHWC, normalised;
+'label' int32; eval batches add 'mask' (False on padding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from eb_jax.data import digits
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """A dataset that cannot be opened; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    tfds_name: str
+    train_split: str
+    eval_split: str
+    image_shape: tuple  # the model's input (H, W, C)
+    mean: tuple
+    std: tuple
+    augment: str  # 'none' | 'cifar' | 'imagenet'
+
+
+DATASETS = {
+    # mean/std of the digits training images scaled to [0, 1].
+    "digits": DatasetSpec(digits.NAME, "train", "test", (8, 8, 1), (0.3053,), (0.3759,), "none"),
+    "cifar10": DatasetSpec(
+        "cifar10", "train", "test", (32, 32, 3),
+        (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "cifar",
+    ),
+    "cifar100": DatasetSpec(
+        "cifar100", "train", "test", (32, 32, 3),
+        (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "cifar",
+    ),
+    "imagenet2012": DatasetSpec(
+        "imagenet2012", "train", "validation", (224, 224, 3),
+        IMAGENET_MEAN, IMAGENET_STD, "imagenet",
+    ),
+}  # fmt: skip
+
+
+@dataclasses.dataclass
+class Dataset:
+    spec: DatasetSpec
+    train: object  # random-access sources: len() and [i] -> {'image', 'label'}
+    eval: object
+    num_classes: int
+
+
+def open_dataset(name: str, data_dir: str | None = None) -> Dataset:
+    """Opens a prepared dataset (the digits are prepared here on first use)."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    spec = DATASETS[name]
+    if name == "digits":
+        digits.prepare(data_dir)
+    try:
+        train, eval_ = (
+            tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False)
+            for split in (spec.train_split, spec.eval_split)
+        )
+        num_classes = (
+            tfds.builder(spec.tfds_name, data_dir=data_dir).info.features["label"].num_classes
+        )
+    except Exception as e:  # tfds raises many types for a missing or unreadable dataset
+        raise DataError(
+            f"dataset {spec.tfds_name!r} is not prepared as array_record in "
+            f"{data_dir or 'the default TFDS data_dir'} ({type(e).__name__}); prepare it with "
+            f"`tfds build {spec.tfds_name} --data_dir=DIR --file_format=array_record` and pass "
+            f"--config.data_dir=DIR"
+        ) from None
+    return Dataset(spec, train, eval_, num_classes)
+
+
+def _normalize(image: np.ndarray, spec: DatasetSpec) -> np.ndarray:
+    image = image.astype(np.float32) / 255.0
+    return (image - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+
+
+def _cifar_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Zero-pad 4 on the uint8 image, random 32x32 crop, random horizontal flip."""
+    h, w = image.shape[:2]
+    padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
+    top, left = rng.integers(0, 9, size=2)
+    image = padded[top : top + h, left : left + w]
+    return image[:, ::-1] if rng.random() < 0.5 else image
+
+
+def _random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+    """torchvision's RandomResizedCrop: scale (0.08, 1), ratio (3/4, 4/3), then resize."""
+    h, w = image.shape[:2]
+    area = h * w
+    for _ in range(10):
+        target = area * rng.uniform(0.08, 1.0)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < cw <= w and 0 < ch <= h:
+            top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+            break
+    else:  # fall back to a central crop with the ratio clamped, as torchvision does
+        ratio = min(max(w / h, 3 / 4), 4 / 3)
+        cw, ch = (w, round(w / ratio)) if w / h < 3 / 4 else (round(h * ratio), h)
+        cw, ch = min(cw, w), min(ch, h)
+        top, left = (h - ch) // 2, (w - cw) // 2
+    crop = Image.fromarray(image[top : top + ch, left : left + cw])
+    return np.asarray(crop.resize((size, size), Image.BILINEAR))
+
+
+def _resize_center_crop(image: np.ndarray, resize: int, size: int) -> np.ndarray:
+    """Shorter side to `resize`, then the central size x size crop."""
+    h, w = image.shape[:2]
+    scale = resize / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return image[top : top + size, left : left + size]
+
+
+def _train_transform(spec: DatasetSpec):
+    def transform(example, rng: np.random.Generator):
+        image = np.asarray(example["image"])
+        if spec.augment == "cifar":
+            image = _cifar_augment(image, rng)
+        elif spec.augment == "imagenet":
+            image = _random_resized_crop(image, rng, spec.image_shape[0])
+            image = image[:, ::-1] if rng.random() < 0.5 else image
+        return {"image": _normalize(image, spec), "label": np.int32(example["label"])}
+
+    return transform
+
+
+def _eval_transform(spec: DatasetSpec):
+    def transform(example):
+        image = np.asarray(example["image"])
+        if spec.augment == "imagenet":
+            image = _resize_center_crop(image, 256, spec.image_shape[0])
+        return {"image": _normalize(image, spec), "label": np.int32(example["label"])}
+
+    return transform
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch) % 2**31
+
+
+def steps_per_epoch(data: Dataset, batch_size: int) -> int:
+    """Full global batches in one pass over the training set (the remainder is dropped)."""
+    return len(data.train) // batch_size
+
+
+def train_batches(
+    data: Dataset,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_threads: int = 4,
+):
+    """This process's batches of epoch `epoch`, from step `start_step` on.
+
+    The global order is a seeded permutation per epoch; process i takes every
+    process_count-th example of it, so processes see disjoint shards.
+    """
+    local_batch = batch_size // process_count
+    n_steps = steps_per_epoch(data, batch_size)
+    ds = grain.MapDataset.source(data.train).shuffle(seed=_epoch_seed(seed, epoch))
+    ds = ds[process_index::process_count]
+    ds = ds.random_map(_train_transform(data.spec), seed=_epoch_seed(seed, epoch))
+    ds = ds.batch(local_batch, drop_remainder=True)[start_step:n_steps]
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
+    return iter(ds.to_iter_dataset(options))
+
+
+def eval_batches(data: Dataset, batch_size: int, process_index: int = 0, process_count: int = 1):
+    """Every eval example exactly once, in batches padded to `batch_size` (mask=False)."""
+    local_batch = batch_size // process_count
+    ds = grain.MapDataset.source(data.eval)[process_index::process_count]
+    ds = ds.map(_eval_transform(data.spec)).batch(local_batch)
+    # Every process runs the same number of steps, padding with empty batches.
+    n_steps = math.ceil(math.ceil(len(data.eval) / process_count) / local_batch)
+    template = ds[0]
+    for i in range(n_steps):
+        batch = ds[i] if i < len(ds) else {k: v[:0] for k, v in template.items()}
+        yield _pad(batch, local_batch)
+
+
+def _pad(batch, size: int):
+    n = batch["label"].shape[0]
+    padded = {
+        k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)])
+        for k, v in batch.items()
+    }
+    padded["mask"] = np.arange(size) < n
+    return padded

@@ -1,0 +1,85 @@
+"""Command line: python -m eb_jax.main [--config configs/X.py] [--workdir DIR] [--config.f=v]
+
+Without --config it runs the offline quickstart (configs/quickstart.py). A bad flag,
+config file or config value ends the run with a one-line error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+import eb_jax
+
+QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(eb_jax.__file__)), "configs",
+                          "quickstart.py")  # fmt: skip
+
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for metrics, checkpoints and plots (default: runs/<config>)."
+)
+_CONFIG = []  # the config flag's holder, defined by run(): defining it parses sys.argv
+
+
+def _fail(message: str) -> None:
+    print(f"eb_jax: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, (KeyError, AttributeError)):  # ml_collections: an unknown field
+        name = str(error).strip("\"'")
+        return f"the config has no field {name!r}; see the config file for its fields"
+    if isinstance(error, OSError):  # the config file is missing or fails to import
+        return f"cannot load the config file: {str(error).strip().splitlines()[-1].strip()}"
+    return f"bad config: {' '.join(str(error).split())}"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with every bad flag or config as a one-line error."""
+    try:
+        rest = flags.FLAGS(argv)
+        _CONFIG[0].value.keys()  # loads the config file: a missing or broken one fails here
+    except flags.Error as e:
+        _fail(str(e))
+    except Exception as e:  # ml_collections raises assorted types for a bad config
+        _fail(_describe(e))
+    if len(rest) > 1:
+        _fail(f"unexpected arguments: {' '.join(rest[1:])} (flags look like --config.field=value)")
+    return rest
+
+
+def main(argv) -> int:
+    del argv
+    from eb_jax import pipeline, platform, report
+    from eb_jax.config import ConfigError
+    from eb_jax.data import DataError
+
+    config = _CONFIG[0].value
+    platform.set_cpu_xla_flags(config.cpu_xla_flags)  # before JAX starts its backend
+    report.setup_logging()
+    workdir = _WORKDIR.value or pipeline.default_workdir(flags.FLAGS["config"].value_path)
+    try:
+        pipeline.run(config, workdir)
+    except (ConfigError, DataError) as e:
+        _fail(str(e))
+    return 0
+
+
+def run() -> None:
+    try:
+        _CONFIG.append(
+            config_flags.DEFINE_config_file(
+                "config", QUICKSTART, "Training configuration file (configs/*.py).",
+                lock_config=True,
+            )
+        )  # fmt: skip
+    except Exception as e:
+        _fail(_describe(e))
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

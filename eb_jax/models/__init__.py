@@ -1,0 +1,52 @@
+"""Model registry: a config names a model by string; every model takes explicit widths.
+
+Every model has `bn_paths()`, the param paths of its BatchNorm layers in module order;
+`bn_scales(model, params)` reads their scale vectors (the ticket code depends on it).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+
+from eb_jax.models.preresnet import PreResNet
+from eb_jax.models.resnet import ResNet
+from eb_jax.models.vgg import VGG, VGG_CFGS
+
+MODELS = {
+    "vgg11": functools.partial(VGG, cfg=VGG_CFGS[11]),
+    "vgg13": functools.partial(VGG, cfg=VGG_CFGS[13]),
+    "vgg16": functools.partial(VGG, cfg=VGG_CFGS[16]),
+    "vgg19": functools.partial(VGG, cfg=VGG_CFGS[19]),
+    # The quickstart's network for 8x8 digits, and a tiny one for tests.
+    "vgg_small": functools.partial(VGG, cfg=(32, 32, "M", 64, 64, "M", 128, 128)),
+    "vgg_tiny": functools.partial(VGG, cfg=(8, "M", 16, 16)),
+    "preresnet101": functools.partial(PreResNet, depth=101),
+    "preresnet164": functools.partial(PreResNet, depth=164),
+    "preresnet_tiny": functools.partial(PreResNet, depth=11),
+    "resnet18": functools.partial(ResNet, block="basic", stage_sizes=(2, 2, 2, 2)),
+    "resnet50": functools.partial(ResNet, block="bottleneck", stage_sizes=(3, 4, 6, 3)),
+    "resnet_tiny": functools.partial(ResNet, block="basic", stage_sizes=(1, 1, 1, 1), base_width=8),
+    "resnet_tiny_bottleneck": functools.partial(
+        ResNet, block="bottleneck", stage_sizes=(1, 1, 1, 1), base_width=4
+    ),
+}
+
+
+def create_model(name: str, num_classes: int, conv_impl: str = "auto", **widths) -> nn.Module:
+    """Builds a registered model; `widths` override its dense per-layer widths."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    return MODELS[name](num_classes=num_classes, conv_impl=conv_impl, **widths)
+
+
+def get_path(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def bn_scales(model: nn.Module, params) -> list:
+    """The BN scale vectors of `model` from its params, in module order."""
+    return [get_path(params, path)["scale"] for path in model.bn_paths()]

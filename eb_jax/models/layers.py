@@ -1,0 +1,104 @@
+"""Layers shared by every model family: a convolution with a CPU-fast path, BatchNorm.
+
+The convolution keeps one parameter layout (`kernel` of shape [kh, kw, in, out], no
+bias) whatever implementation runs, so a checkpoint never depends on the backend.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+CONV_IMPLS = ("auto", "xla", "patches")
+
+# He fan-out normal, untruncated: PyTorch `normal_(0, sqrt(2 / (k*k*out)))` in the original.
+he_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# On CPU, XLA's convolution is very slow on tiny feature maps with many channels (VGG16's
+# 2x2 maps: 1.6 s vs 0.04 s for a batch-64 gradient); there im2col + matmul wins. Maps up
+# to this many pixels use it (measured in benchmarks/conv_cpu.py).
+_PATCHES_MAX_PIXELS = 4
+
+
+def torch_linear_init(fan_in: int):
+    """PyTorch's default nn.Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / max(fan_in, 1) ** 0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+@functools.cache
+def _default_backend() -> str:
+    return jax.default_backend()
+
+
+def resolve_conv_impl(impl: str, height: int, width: int, kernel_size: int) -> str:
+    """Which convolution implementation runs: 'xla' or 'patches'."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    if _default_backend() != "cpu":
+        return "xla"
+    return "patches" if kernel_size == 1 or height * width <= _PATCHES_MAX_PIXELS else "xla"
+
+
+class Conv(nn.Module):
+    """Square bias-free 2-D convolution over NHWC inputs with symmetric zero padding."""
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    padding: int | None = None  # default: kernel_size // 2 ("same" for odd kernels)
+    impl: str = "auto"
+    kernel_init: Any = he_fan_out
+
+    @nn.compact
+    def __call__(self, x):
+        k, s = self.kernel_size, self.stride
+        pad = k // 2 if self.padding is None else self.padding
+        in_features = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (k, k, in_features, self.features))
+        kernel = kernel.astype(x.dtype)
+        impl = resolve_conv_impl(self.impl, x.shape[1], x.shape[2], k)
+        if impl == "xla":
+            return jax.lax.conv_general_dilated(
+                x, kernel, (s, s), [(pad, pad)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+        if k == 1 and pad == 0:
+            return x[:, ::s, ::s, :] @ kernel[0, 0]
+        return _im2col(x, k, s, pad) @ kernel.reshape(-1, self.features)
+
+
+def _im2col(x, k: int, stride: int, pad: int):
+    """[N, H', W', k*k*C] patches ordered (kh, kw, C), the order of a reshaped HWIO kernel."""
+    n, h, w, _ = x.shape
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    taps = [
+        xp[:, i : i + stride * (oh - 1) + 1 : stride, j : j + stride * (ow - 1) + 1 : stride]
+        for i in range(k)
+        for j in range(k)
+    ]
+    return jnp.concatenate(taps, axis=-1)
+
+
+def batch_norm(train: bool, scale_init: float, name: str | None = None) -> nn.BatchNorm:
+    """BatchNorm with PyTorch's defaults: momentum 0.1 (Flax 0.9), epsilon 1e-5.
+
+    Unlike PyTorch, Flax keeps the biased batch variance in its running estimate.
+    """
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        scale_init=nn.initializers.constant(scale_init),
+        name=name,
+    )

@@ -1,0 +1,57 @@
+"""VGG with BatchNorm for CIFAR, as the Early-Bird original defines it (PAPER.md §5).
+
+conv 3x3 (no bias) -> BN -> ReLU per entry of `cfg`, 2x2 max-pool for each 'M', then an
+average pool over the final map and a single Linear head. Widths are explicit in `cfg`,
+so a pruned VGG is the same class with smaller numbers.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from eb_jax.models.layers import Conv, batch_norm, he_fan_out
+
+VGG_CFGS = {
+    11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512),
+    13: (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512),
+    16: (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512),
+    19: (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+         512, 512, 512, 512),
+}  # fmt: skip
+
+
+class VGG(nn.Module):
+    """VGG-BN. `cfg`: conv widths in order, 'M' for a 2x2 max-pool."""
+
+    cfg: tuple
+    num_classes: int = 10
+    conv_impl: str = "auto"
+    bn_scale_init: float = 0.5
+
+    def conv_widths(self) -> list[int]:
+        return [c for c in self.cfg if c != "M"]
+
+    def bn_paths(self) -> list[tuple[str, ...]]:
+        """Param paths of the BatchNorm layers, in module order."""
+        return [(f"bn{i}",) for i in range(len(self.conv_widths()))]
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        i = 0
+        for c in self.cfg:
+            if c == "M":
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                continue
+            x = Conv(c, 3, impl=self.conv_impl, kernel_init=he_fan_out, name=f"conv{i}")(x)
+            x = batch_norm(train, self.bn_scale_init, name=f"bn{i}")(x)
+            x = nn.relu(x)
+            i += 1
+        # The original's AvgPool2d(2) on the final 2x2 CIFAR map is this global mean.
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(
+            self.num_classes,
+            kernel_init=nn.initializers.normal(0.01),
+            bias_init=nn.initializers.zeros,
+            name="classifier",
+        )(x)

@@ -1,0 +1,67 @@
+"""Data parallelism over the local devices with `pmap`, kept in one place.
+
+Steps are written per device with an `axis_name`; a move to `jax.shard_map` changes only
+this module.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+AXIS = "batch"
+
+
+def pmap_step(step_fn, donate_state: bool = True):
+    """`step_fn(state, batch, axis_name)` mapped over local devices."""
+    return jax.pmap(
+        functools.partial(step_fn, axis_name=AXIS),
+        axis_name=AXIS,
+        donate_argnums=(0,) if donate_state else (),
+    )
+
+
+def _device_sharding():
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
+    return jax.NamedSharding(mesh, jax.P(AXIS))
+
+
+def replicate(tree):
+    """One copy of every leaf per local device, stacked on a leading axis."""
+    n, sharding = jax.local_device_count(), _device_sharding()
+    return jax.tree.map(lambda x: jax.device_put(np.stack([np.asarray(x)] * n), sharding), tree)
+
+
+def unreplicate(tree):
+    """The first device's copy, on the host."""
+    return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+
+
+def shard(batch, num_devices: int | None = None):
+    """Splits the leading (batch) axis of every array into [devices, per_device, ...]."""
+    n = num_devices or jax.local_device_count()
+    return jax.tree.map(lambda x: np.reshape(x, (n, -1, *x.shape[1:])), batch)
+
+
+@functools.cache
+def _pmean_tree():
+    return jax.pmap(lambda t: jax.lax.pmean(t, AXIS), axis_name=AXIS)
+
+
+def sync_batch_stats(state):
+    """Averages the per-device BatchNorm statistics (done before eval and saving)."""
+    if not jax.tree.leaves(state.batch_stats):
+        return state
+    return state.replace(batch_stats=_pmean_tree()(state.batch_stats))
+
+
+def must_wait_each_step() -> bool:
+    """Forced CPU devices can deadlock in collectives with several steps in flight."""
+    return jax.default_backend() == "cpu" and jax.local_device_count() > 1
+
+
+def to_float(metrics_sum):
+    return {k: float(jnp.asarray(v)) for k, v in metrics_sum.items()}

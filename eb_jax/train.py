@@ -1,0 +1,132 @@
+"""Training state, the optimizer (PyTorch SGD semantics), and the pure train/eval steps.
+
+The steps take an optional `axis_name`: under `pmap` they average gradients over it and
+sum evaluation counts; BatchNorm statistics stay per device, like the original's
+DataParallel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+
+class TrainState(train_state.TrainState):
+    batch_stats: Any = None
+
+
+def lr_schedule(base_lr: float, boundaries_epochs, decay: float, steps_per_epoch: int):
+    """Piecewise-constant LR: `base_lr`, times `decay` at the start of each boundary epoch."""
+    return optax.piecewise_constant_schedule(
+        base_lr, {int(e) * steps_per_epoch: decay for e in boundaries_epochs}
+    )
+
+
+def _is_bn_scale(params):
+    """Marks the BatchNorm scale leaves (the only params named 'scale' in eb_jax models)."""
+    return flax.traverse_util.path_aware_map(lambda path, _: path[-1] == "scale", params)
+
+
+def add_bn_sparsity(strength: float) -> optax.GradientTransformation:
+    """Network slimming: adds strength * sign(scale) to every BN scale gradient.
+
+    Applied before weight decay and momentum, as the original adds it to `.grad`.
+    """
+
+    def update(updates, state, params):
+        flags = _is_bn_scale(params)
+        updates = jax.tree.map(
+            lambda u, p, is_scale: u + strength * jnp.sign(p) if is_scale else u,
+            updates,
+            params,
+            flags,
+        )
+        return updates, state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+    """SGD with PyTorch semantics: g += s*sign(bn scale); g += wd*p; buf = m*buf + g."""
+    schedule = lr_schedule(
+        config.learning_rate, config.lr_boundaries, config.lr_decay, steps_per_epoch
+    )
+    parts = []
+    if config.sparsity:
+        parts.append(add_bn_sparsity(config.sparsity))
+    if config.weight_decay:
+        parts.append(optax.add_decayed_weights(config.weight_decay))
+    parts.append(optax.sgd(schedule, momentum=config.momentum or None, nesterov=False))
+    return optax.chain(*parts)
+
+
+def init_variables(model, rng, input_shape) -> dict:
+    """The model's params and batch_stats for inputs of shape (H, W, C)."""
+    # Partitionable threefry takes seconds to compile per shape on CPU; init is never
+    # sharded, so the classic threefry (as fast to compile as it is to run) is used.
+    with jax.threefry_partitionable(False):
+        return jax.jit(model.init)(rng, jnp.zeros((1, *input_shape), jnp.float32))
+
+
+def create_train_state(model, rng, input_shape, tx) -> TrainState:
+    """Initialises the model on a dummy batch of `input_shape` (H, W, C)."""
+    variables = init_variables(model, rng, input_shape)
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        tx=tx,
+    )
+
+
+def cross_entropy(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def train_step(state: TrainState, batch, axis_name: str | None = None):
+    """One SGD step on `batch` ({'image', 'label'}); returns the new state and metrics."""
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"],
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return cross_entropy(logits, batch["label"]), (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)
+    state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
+    n = batch["label"].shape[0]
+    metrics = {
+        "loss_sum": loss * n,
+        "correct": jnp.sum(jnp.argmax(logits, -1) == batch["label"]),
+        "count": jnp.asarray(n, jnp.int32),
+    }
+    if axis_name is not None:
+        metrics = jax.lax.psum(metrics, axis_name)
+    return state, metrics
+
+
+def eval_step(state: TrainState, batch, axis_name: str | None = None):
+    """Summed loss/correct/count over the examples whose `mask` is set (padding is not)."""
+    logits = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
+    )
+    mask = batch.get("mask", jnp.ones(batch["label"].shape, bool))
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    metrics = {
+        "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
+        "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) & mask),
+        "count": jnp.sum(mask.astype(jnp.int32)),
+    }
+    if axis_name is not None:
+        metrics = jax.lax.psum(metrics, axis_name)
+    return metrics

@@ -1,0 +1,20 @@
+"""Two forced CPU devices for every test, so pmap code runs multi-device here."""
+
+import os
+
+# Before JAX starts: 2 CPU devices; a collective that hangs fails in 10 s, not forever.
+os.environ["XLA_FLAGS"] = " ".join(
+    [
+        os.environ.get("XLA_FLAGS", ""),
+        "--xla_force_host_platform_device_count=2",
+        "--xla_cpu_collective_call_terminate_timeout_seconds=10",
+    ]
+).strip()
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A TFDS data_dir shared by the session's tests (the digits are written on first use)."""
+    return str(tmp_path_factory.mktemp("tfds"))

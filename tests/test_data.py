@@ -1,0 +1,97 @@
+"""Input pipelines: the offline digits, determinism, eval coverage, augmentation."""
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from eb_jax.data import DataError, eval_batches, input_pipeline, open_dataset, train_batches
+
+
+@pytest.fixture(scope="module")
+def digits(data_dir):
+    return open_dataset("digits", data_dir)
+
+
+def test_digits_split_is_deterministic_and_complete(digits):
+    assert (len(digits.train), len(digits.eval), digits.num_classes) == (1437, 360, 10)
+    labels = [int(digits.eval[i]["label"]) for i in range(len(digits.eval))]
+    assert sorted(set(labels)) == list(range(10))
+    image = np.asarray(digits.train[0]["image"])
+    assert image.shape == (8, 8, 1) and image.dtype == np.uint8 and image.max() > 200
+
+
+def test_train_batches_are_normalised_and_reproducible(digits):
+    a = list(train_batches(digits, 64, seed=3, epoch=1))
+    b = list(train_batches(digits, 64, seed=3, epoch=1))
+    assert len(a) == input_pipeline.steps_per_epoch(digits, 64) == 1437 // 64
+    assert a[0]["image"].shape == (64, 8, 8, 1) and a[0]["image"].dtype == np.float32
+    assert a[0]["label"].dtype == np.int32
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x["image"], y["image"])
+    images = np.concatenate([x["image"] for x in a])
+    assert abs(images.mean()) < 0.05 and abs(images.std() - 1) < 0.05
+    other_epoch = next(train_batches(digits, 64, seed=3, epoch=2))
+    assert not np.array_equal(other_epoch["label"], a[0]["label"])
+
+
+def test_resuming_mid_epoch_replays_the_same_batches(digits):
+    full = list(train_batches(digits, 64, seed=0, epoch=0))
+    resumed = list(train_batches(digits, 64, seed=0, epoch=0, start_step=7))
+    assert len(resumed) == len(full) - 7
+    for x, y in zip(full[7:], resumed, strict=True):
+        np.testing.assert_array_equal(x["image"], y["image"])
+
+
+def test_process_shards_are_disjoint_and_cover_the_epoch(digits):
+    def ids(batches):  # identify examples by their pixels
+        return {x.tobytes() for b in batches for x in b["image"]}
+
+    single = ids(train_batches(digits, 64, seed=0, epoch=0))
+    shard0 = ids(train_batches(digits, 64, seed=0, epoch=0, process_index=0, process_count=2))
+    shard1 = ids(train_batches(digits, 64, seed=0, epoch=0, process_index=1, process_count=2))
+    assert not shard0 & shard1
+    assert len(shard0 | shard1) >= 0.95 * len(single)
+
+
+def test_eval_sees_every_example_once_with_padding(digits):
+    batches = list(eval_batches(digits, 128))
+    assert [b["image"].shape[0] for b in batches] == [128, 128, 128]
+    assert sum(int(b["mask"].sum()) for b in batches) == 360
+    labels = np.concatenate([b["label"][b["mask"]] for b in batches])
+    expected = [int(digits.eval[i]["label"]) for i in range(360)]
+    np.testing.assert_array_equal(labels, expected)
+    shards = [list(eval_batches(digits, 128, i, 2)) for i in range(2)]
+    assert len(shards[0]) == len(shards[1])
+    assert sum(int(b["mask"].sum()) for s in shards for b in s) == 360
+
+
+def test_cifar_pipeline_on_mock_data():
+    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+        data = open_dataset("cifar10")
+        batch = next(train_batches(data, 8, seed=0, epoch=0))
+    assert batch["image"].shape == (8, 32, 32, 3) and data.num_classes == 10
+
+
+def test_cifar_augment_pads_with_zeros_crops_and_flips():
+    image = np.full((32, 32, 3), 255, np.uint8)
+    rng = np.random.default_rng(0)
+    outs = [input_pipeline._cifar_augment(image, rng) for _ in range(50)]
+    assert all(o.shape == (32, 32, 3) for o in outs)
+    assert any((o == 0).any() for o in outs)  # some crops reach into the zero padding
+    ramp = np.tile(np.arange(32, dtype=np.uint8)[None, :, None], (32, 1, 3))
+    flipped = [input_pipeline._cifar_augment(ramp, rng) for _ in range(50)]
+    assert any(o[16, 10, 0] > o[16, 11, 0] for o in flipped)  # a flipped ramp descends
+
+
+def test_imagenet_crops_have_the_model_size():
+    image = np.random.default_rng(0).integers(0, 255, (300, 200, 3), np.uint8)
+    rng = np.random.default_rng(0)
+    assert input_pipeline._random_resized_crop(image, rng, 224).shape == (224, 224, 3)
+    assert input_pipeline._resize_center_crop(image, 256, 224).shape == (224, 224, 3)
+
+
+def test_unknown_or_unprepared_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="unknown dataset 'mnist'"):
+        open_dataset("mnist")
+    with pytest.raises(DataError, match="not prepared.*tfds build cifar10"):
+        open_dataset("cifar10", str(tmp_path))

@@ -1,0 +1,172 @@
+"""Models: presets build and train, widths set parameter shapes, BN scales in order."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eb_jax import train
+from eb_jax.config import default_config
+from eb_jax.models import MODELS, bn_scales, create_model
+from eb_jax.models.layers import Conv
+
+TINY = {
+    "vgg_tiny": (8, 8, 1),
+    "vgg_small": (8, 8, 1),
+    "preresnet_tiny": (8, 8, 3),
+    "resnet_tiny": (16, 16, 3),
+    "resnet_tiny_bottleneck": (16, 16, 3),
+}
+# The paper's networks: BN channel totals from PAPER.md §2.
+FULL = {
+    "vgg16": ((32, 32, 3), 13, 4224),
+    "preresnet101": ((32, 32, 3), 100, 7408),
+    "resnet18": ((64, 64, 3), 20, 4800),
+    "resnet50": ((64, 64, 3), 53, 26560),
+}
+
+
+def _state(model, shape, **overrides):
+    config = default_config()
+    config.update(overrides)
+    tx = train.create_optimizer(config, steps_per_epoch=10)
+    return train.create_train_state(model, jax.random.key(0), shape, tx)
+
+
+def _batch(shape, n=4, classes=10, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.standard_normal((n, *shape)).astype(np.float32),
+        "label": rng.integers(0, classes, n).astype(np.int32),
+    }
+
+
+def test_every_preset_is_covered():
+    assert set(TINY) | set(FULL) | {"vgg11", "vgg13", "vgg19", "preresnet164"} == set(MODELS)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_tiny_preset_takes_a_train_step(name):
+    shape = TINY[name]
+    model = create_model(name, num_classes=10)
+    state = _state(model, shape)
+    step = jax.jit(train.train_step)
+    new_state, metrics = step(state, _batch(shape))
+    assert int(new_state.step) == 1
+    assert int(metrics["count"]) == 4 and np.isfinite(float(metrics["loss_sum"]))
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params, new_state.params)
+    assert all(jax.tree.leaves(changed))
+    stats_changed = jax.tree.map(
+        lambda a, b: bool(jnp.any(a != b)), state.batch_stats, new_state.batch_stats
+    )
+    assert all(jax.tree.leaves(stats_changed))
+
+
+@pytest.mark.parametrize("name", sorted(FULL))
+def test_paper_network_traces_a_train_step_with_its_bn_layout(name):
+    """The full networks, abstractly (no compile): BN layers, channel totals, a step."""
+    shape, n_bn, total = FULL[name]
+    model = create_model(name, num_classes=10)
+    config = default_config()
+    tx = train.create_optimizer(config, 10)
+
+    def init_and_step(batch):
+        variables = model.init(jax.random.key(0), batch["image"][:1])
+        state = train.TrainState.create(
+            apply_fn=model.apply, params=variables["params"],
+            batch_stats=variables["batch_stats"], tx=tx,
+        )  # fmt: skip
+        return state, train.train_step(state, batch)
+
+    state, (new_state, metrics) = jax.eval_shape(init_and_step, _batch(shape, n=2))
+    scales = bn_scales(model, state.params)
+    assert len(scales) == n_bn and sum(s.shape[0] for s in scales) == total
+    assert jax.tree.structure(new_state.params) == jax.tree.structure(state.params)
+    assert metrics["loss_sum"].shape == ()
+
+
+def test_bn_scales_follow_module_order_and_init():
+    model = create_model("resnet_tiny_bottleneck", 10)
+    variables = train.init_variables(model, jax.random.key(0), (16, 16, 3))
+    paths = model.bn_paths()
+    # torchvision order inside a bottleneck: bn1, bn2, bn3, then the downsample's BN.
+    assert [p[0] for p in paths[:5]] == [
+        "stem_bn", "stage0_block0_bn1", "stage0_block0_bn2", "stage0_block0_bn3",
+        "stage0_block0_down_bn",
+    ]  # fmt: skip
+    scales = bn_scales(model, variables["params"])
+    assert all(np.all(np.asarray(s) == 1.0) for s in scales)  # ImageNet ResNets: scale 1
+    vgg = create_model("vgg_tiny", 10)
+    v = train.init_variables(vgg, jax.random.key(0), (8, 8, 1))
+    assert [s.shape[0] for s in bn_scales(vgg, v["params"])] == [8, 16, 16]
+    assert all(np.all(np.asarray(s) == 0.5) for s in bn_scales(vgg, v["params"]))
+
+
+def _shapes(model, shape):
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))
+    return jax.tree.map(lambda x: x.shape, variables["params"])
+
+
+def test_vgg_widths_set_parameter_shapes():
+    shapes = _shapes(create_model("vgg_tiny", 10, cfg=(3, "M", 5, 7)), (8, 8, 1))
+    assert shapes["conv0"]["kernel"] == (3, 3, 1, 3)
+    assert shapes["conv1"]["kernel"] == (3, 3, 3, 5)
+    assert shapes["conv2"]["kernel"] == (3, 3, 5, 7)
+    assert shapes["bn2"]["scale"] == (7,)
+    assert shapes["classifier"]["kernel"] == (7, 10)
+
+
+def test_preresnet_widths_and_selections_set_parameter_shapes():
+    inner = ((4, 5), (6, 7), (8, 9))
+    selections = ((0, 3, 5), None, tuple(range(0, 128, 2)), (1, 2))
+    model = create_model("preresnet_tiny", 10, inner_widths=inner, selections=selections)
+    shapes = _shapes(model, (8, 8, 3))
+    assert shapes["stage0_block0_bn1"]["scale"] == (16,)  # block-input BN stays full width
+    assert shapes["stage0_block0_conv1"]["kernel"] == (1, 1, 3, 4)  # reads the 3 selected
+    assert shapes["stage0_block0_conv2"]["kernel"] == (3, 3, 4, 5)
+    assert shapes["stage0_block0_conv3"]["kernel"] == (1, 1, 5, 64)  # residual width kept
+    assert shapes["stage1_block0_conv1"]["kernel"] == (1, 1, 64, 6)
+    assert shapes["stage2_block0_conv1"]["kernel"] == (1, 1, 64, 8)
+    assert shapes["bn_final"]["scale"] == (256,)
+    assert shapes["fc"]["kernel"] == (2, 10)
+
+
+def test_resnet_widths_set_parameter_shapes():
+    model = create_model(
+        "resnet_tiny_bottleneck", 10, stem_width=3, stage_widths=(10, 11, 12, 13),
+        inner_widths=((2, 4), (5, 6), (7, 8), (9, 1)),
+    )  # fmt: skip
+    shapes = _shapes(model, (16, 16, 3))
+    assert shapes["stem_conv"]["kernel"] == (7, 7, 3, 3)
+    assert shapes["stage0_block0_conv1"]["kernel"] == (1, 1, 3, 2)
+    assert shapes["stage0_block0_conv2"]["kernel"] == (3, 3, 2, 4)
+    assert shapes["stage0_block0_conv3"]["kernel"] == (1, 1, 4, 10)
+    assert shapes["stage0_block0_down_conv"]["kernel"] == (1, 1, 3, 10)
+    assert shapes["stage3_block0_conv2"]["kernel"] == (3, 3, 9, 1)
+    assert shapes["fc"]["kernel"] == (13, 10)
+
+
+def test_wrong_number_of_widths_is_a_clear_error():
+    model = create_model("preresnet_tiny", 10, inner_widths=((4, 5),))
+    with pytest.raises(ValueError, match="inner_widths needs 3 entries"):
+        _shapes(model, (8, 8, 3))
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model 'vgg99'; choose one of"):
+        create_model("vgg99", 10)
+
+
+@pytest.mark.parametrize(
+    "hw,kernel,stride", [(2, 3, 1), (4, 3, 1), (7, 3, 2), (6, 1, 2), (9, 7, 2)]
+)
+def test_conv_implementations_agree_and_share_parameters(hw, kernel, stride):
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, hw, hw, 5)), jnp.float32)
+    outs, params = {}, {}
+    for impl in ("xla", "patches"):
+        conv = Conv(6, kernel, stride, impl=impl)
+        params[impl] = conv.init(jax.random.key(1), x)
+        outs[impl] = conv.apply(params[impl], x)
+    np.testing.assert_array_equal(params["xla"]["params"]["kernel"],
+                                  params["patches"]["params"]["kernel"])  # fmt: skip
+    np.testing.assert_allclose(outs["xla"], outs["patches"], rtol=1e-5, atol=1e-5)
