@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from eb_jax.ticket import EarlyBirdDetector
+
+METHODS = ("eb", "dense")
+
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message says which and how to fix it."""
@@ -28,6 +32,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.weight_decay = 1e-4  # on all parameters, BN included, as in the original
     c.sparsity = 1e-4  # s: s*sign(scale) added to every BN scale gradient; 0 disables
     c.seed = 0
+    # Early-Bird search (PAPER.md §2-3).
+    c.method = "eb"  # 'eb': search until the ticket emerges; 'dense': plain training
+    c.prune_ratio = 0.5  # p: the fraction of BN channels the ticket prunes
+    c.monitor_ratios = (0.3, 0.5, 0.7)  # detectors run side by side (prune_ratio added)
+    c.eb_window = 5  # masks (code rule) or consecutive distances (paper rule) compared
+    c.eb_eps = 0.1  # emerged when the distances are <= eps (code) / < eps (paper)
+    c.eb_rule = "code"  # 'code': the released code's rule; 'paper': the paper's
+    c.keep_searching = False  # record masks to the last epoch (paper Fig. 3)
     c.conv_impl = "auto"  # 'auto' (fast path picked per backend), 'xla' or 'patches'
     c.cpu_xla_flags = True  # XLA's Eigen convolution on CPU (eb_jax.platform)
     c.log_every_steps = 100  # progress lines within an epoch
@@ -52,3 +64,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ConfigError(f"learning_rate={config.learning_rate} must be positive")
     if config.sparsity < 0 or config.weight_decay < 0:
         raise ConfigError("sparsity and weight_decay must be >= 0")
+    if config.method not in METHODS:
+        raise ConfigError(f"method={config.method!r} must be one of {METHODS}")
+    for ratio in (config.prune_ratio, *config.monitor_ratios):
+        if not 0 <= ratio < 1:
+            raise ConfigError(f"prune ratio {ratio} must be in [0, 1), e.g. 0.5")
+    try:
+        EarlyBirdDetector(config.eb_window, config.eb_eps, config.eb_rule)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

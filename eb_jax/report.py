@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+import numpy as np
+
 logger = logging.getLogger("eb_jax")
 
 
@@ -56,3 +58,36 @@ class MetricWriter:
         if self.enabled:
             self._tb.close()
             self._jsonl.close()
+
+
+def plot_mask_distances(search, path: str) -> None:
+    """Paper Fig. 3: pairwise mask distances over the recorded epochs, one panel per ratio,
+    min-max normalised to [0, 1]; the detection epoch is marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from eb_jax.ticket import pairwise_distances
+
+    ratios = search.ratios
+    fig, axes = plt.subplots(1, len(ratios), figsize=(4 * len(ratios), 3.8), squeeze=False)
+    epochs = search.epochs
+    for ax, ratio in zip(axes[0], ratios, strict=True):
+        matrix = pairwise_distances(search.history[ratio])
+        span = matrix.max() - matrix.min()
+        shown = (matrix - matrix.min()) / span if span > 0 else np.zeros_like(matrix)
+        extent = (epochs[0] - 0.5, epochs[-1] + 0.5, epochs[-1] + 0.5, epochs[0] - 0.5)
+        image = ax.imshow(shown, cmap="viridis", vmin=0, vmax=1, extent=extent)
+        title = f"p = {ratio:g}"
+        if ratio in search.detected:
+            e = search.detected[ratio]
+            ax.axhline(e, color="w", ls="--", lw=1)
+            ax.axvline(e, color="w", ls="--", lw=1)
+            title += f" (EB ticket at epoch {e})"
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("epoch")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="normalised mask distance")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)

@@ -18,18 +18,46 @@ def _main(*args, data_dir=None, timeout=300):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def test_quickstart_trains_to_90_percent_and_writes_metrics(tmp_path, data_dir):
+def _records(workdir):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_quickstart_draws_its_early_bird_ticket_early(tmp_path, data_dir):
     """No --config: the offline quickstart, on the 2 forced CPU devices."""
     workdir = tmp_path / "run"
     result = _main("--workdir", str(workdir), data_dir=data_dir)
     assert result.returncode == 0, result.stderr[-2000:]
-    lines = [line for line in result.stdout.splitlines() if line.startswith("epoch")]
-    assert len(lines) == 20 and "img/s" in lines[-1] and "ETA" in lines[-1]
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == list(range(1, 21))
-    assert records[-1]["test_accuracy"] >= 0.90
-    assert records[-1]["learning_rate"] == pytest.approx(0.001)
+    out = result.stdout
+    ticket = json.loads((workdir / "ticket.json").read_text())
+    assert ticket["ratio"] == 0.5 and ticket["emerged"] and 5 <= ticket["epoch"] <= 10
+    assert f"early-bird ticket for p=0.5 emerged after {ticket['epoch']} epochs" in out
+    history = out.split("p=0.5 mask distance to the previous epoch: ")[1].split()
+    assert len(history) == ticket["epoch"]
+    assert 0.45 < float(history[0]) <= 0.5  # the epoch-0 mask is all zeros
+    epochs = [line for line in out.splitlines() if line.startswith("epoch")]
+    assert len(epochs) == ticket["epoch"] and "img/s" in epochs[-1] and "ETA" in epochs[-1]
+    assert [len(m) for m in ticket["masks"]] == [32, 32, 64, 64, 128, 128]
+    assert sum(ticket["kept"]) == sum(m.count("1") for m in ticket["masks"]) < 448 / 2
+    metrics = [r for r in _records(workdir) if "epoch" in r]
+    assert [r["epoch"] for r in metrics] == list(range(1, ticket["epoch"] + 1))
+    assert metrics[-1]["test_accuracy"] >= 0.90
+    distances = [r for r in _records(workdir) if "eb/p0.5/distance_to_previous" in r]
+    assert len(distances) == ticket["epoch"]
+    assert (workdir / "mask_distance.png").stat().st_size > 10_000
     assert glob.glob(str(workdir / "events.out.tfevents.*"))
+
+
+def test_dense_method_trains_every_epoch(tmp_path, data_dir):
+    workdir = tmp_path / "dense"
+    args = ["--workdir", str(workdir), "--config.method=dense", "--config.num_epochs=3",
+            "--config.lr_boundaries=(2,)"]  # fmt: skip
+    result = _main(*args, data_dir=data_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = _records(workdir)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records[-1]["learning_rate"] == pytest.approx(0.01)
+    assert not (workdir / "ticket.json").exists()
 
 
 @pytest.mark.parametrize("args,message", [
@@ -41,6 +69,10 @@ def test_quickstart_trains_to_90_percent_and_writes_metrics(tmp_path, data_dir):
     (["--config.dataset=mnist"], "unknown dataset 'mnist'"),
     (["--config", "configs/vgg16_cifar10.py"], "not prepared as array_record"),
     (["--bogus"], "Unknown command line flag 'bogus'"),
+    (["--config.prune_ratio=1.0"], "prune ratio 1.0 must be in [0, 1)"),
+    (["--config.monitor_ratios=(0.3,-0.1)"], "prune ratio -0.1 must be in [0, 1)"),
+    (["--config.eb_window=1"], "early-bird window must be >= 2"),
+    (["--config.method=magic"], "method='magic' must be one of"),
     (["stray"], "unexpected arguments: stray"),
 ])  # fmt: skip
 def test_bad_input_is_a_one_line_error(args, message, tmp_path, data_dir):

@@ -1,0 +1,99 @@
+"""The search phase's bookkeeping: masks for every monitored ratio after each epoch.
+
+`TicketSearch.observe(epoch, scales)` draws the masks, feeds the detectors, and records
+the masks so the pairwise distance matrix (paper Fig. 3) can be drawn. It is told which
+ratio the run trains for and reports when that ratio's ticket has emerged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from eb_jax.ticket.early_bird import EarlyBirdDetector
+from eb_jax.ticket.masks import channel_mask, flatten_mask, mask_distance
+
+
+@dataclasses.dataclass
+class Ticket:
+    """The drawn ticket: per-layer keep-masks for `ratio` after `epoch` epochs."""
+
+    ratio: float
+    epoch: int
+    emerged: bool  # False: the detector never fired and the last mask was taken
+    masks: list  # per-layer numpy bool arrays, BN module order
+
+    def to_json(self) -> dict:
+        return {
+            "ratio": self.ratio,
+            "epoch": self.epoch,
+            "emerged": self.emerged,
+            "kept": [int(m.sum()) for m in self.masks],
+            "masks": ["".join("1" if k else "0" for k in m) for m in self.masks],
+        }
+
+    @classmethod
+    def from_json(cls, record: dict) -> Ticket:
+        masks = [np.array([c == "1" for c in m], bool) for m in record["masks"]]
+        return cls(record["ratio"], record["epoch"], record["emerged"], masks)
+
+
+class TicketSearch:
+    """Detectors for `ratios` side by side; `target` is the ratio the run trains for."""
+
+    def __init__(self, ratios, target: float, detector: EarlyBirdDetector, layer_sizes):
+        self.ratios = sorted(set(ratios) | {target})
+        self.target = target
+        self.detector = detector
+        self.layer_sizes = list(layer_sizes)
+        total = sum(self.layer_sizes)
+        self.states = {r: detector.init(total) for r in self.ratios}
+        self.history = {r: [] for r in self.ratios}  # flat masks, one per observed epoch
+        self.epochs: list[int] = []
+        self.detected: dict[float, int] = {}  # ratio -> epoch its ticket emerged
+        self.ticket: Ticket | None = None
+
+    def observe(self, epoch: int, scales) -> dict:
+        """Masks after `epoch` epochs. Returns {ratio: (distances, emerged)}."""
+        report = {}
+        self.epochs.append(epoch)
+        for ratio in self.ratios:
+            masks = [np.asarray(m) for m in channel_mask(scales, ratio)]
+            self.states[ratio], emerged, distances = self.detector.update(self.states[ratio], masks)
+            self.history[ratio].append(flatten_mask(masks))
+            if emerged and ratio not in self.detected:
+                self.detected[ratio] = epoch
+                if ratio == self.target:
+                    self.ticket = Ticket(ratio, epoch, True, masks)
+            report[ratio] = (distances, emerged)
+        return report
+
+    def take_last_mask(self) -> Ticket:
+        """The ticket when the detector never fired: the last mask observed."""
+        masks = np.split(self.history[self.target][-1], np.cumsum(self.layer_sizes)[:-1])
+        self.ticket = Ticket(self.target, self.epochs[-1], False, masks)
+        return self.ticket
+
+    def consecutive_distances(self, ratio: float) -> list[float]:
+        h = self.history[ratio]
+        return [mask_distance(a, b) for a, b in zip(h[:-1], h[1:], strict=True)]
+
+    def save(self, workdir: str) -> None:
+        """ticket.json (the target ratio's ticket) and masks.npz (every recorded mask)."""
+        os.makedirs(workdir, exist_ok=True)
+        if self.ticket is not None:
+            _write_json(os.path.join(workdir, "ticket.json"), self.ticket.to_json())
+        arrays = {f"p{r:g}": np.stack(self.history[r]) for r in self.ratios}
+        np.savez_compressed(
+            os.path.join(workdir, "masks.npz"), epochs=np.asarray(self.epochs), **arrays
+        )
+
+
+def _write_json(path: str, record: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)  # never a half-written file

@@ -1,0 +1,46 @@
+"""The search phase in the training loop: keep searching, no emergence, saved records."""
+
+import json
+
+import numpy as np
+
+from eb_jax import pipeline
+from eb_jax.config import default_config
+from eb_jax.ticket.search import Ticket
+
+
+def _config(data_dir, **overrides):
+    config = default_config()
+    config.update(
+        model="vgg_tiny", dataset="digits", data_dir=data_dir, batch_size=128,
+        eval_batch_size=120, num_epochs=4, lr_boundaries=(), log_every_steps=0,
+    )  # fmt: skip
+    config.update(overrides)
+    return config
+
+
+def test_keep_searching_records_every_epoch(tmp_path, data_dir):
+    pipeline.run(_config(data_dir, keep_searching=True, eb_window=2, eb_eps=0.5), str(tmp_path))
+    with np.load(tmp_path / "masks.npz") as masks:
+        np.testing.assert_array_equal(masks["epochs"], [0, 1, 2, 3, 4])
+        for ratio in ("p0.3", "p0.5", "p0.7"):
+            assert masks[ratio].shape == (5, 40) and masks[ratio].dtype == bool
+        assert not masks["p0.5"][0].any()  # equal scales at init: nothing kept
+    ticket = Ticket.from_json(json.loads((tmp_path / "ticket.json").read_text()))
+    assert ticket.emerged and ticket.epoch <= 4
+    np.testing.assert_array_equal(
+        np.concatenate(ticket.masks), masks_at(tmp_path, "p0.5", ticket.epoch)
+    )
+
+
+def masks_at(workdir, key, epoch):
+    with np.load(workdir / "masks.npz") as masks:
+        return masks[key][list(masks["epochs"]).index(epoch)]
+
+
+def test_no_emergence_takes_the_last_mask(tmp_path, data_dir):
+    pipeline.run(_config(data_dir, num_epochs=2, eb_eps=1e-9, prune_ratio=0.4), str(tmp_path))
+    ticket = json.loads((tmp_path / "ticket.json").read_text())
+    assert ticket["ratio"] == 0.4 and not ticket["emerged"] and ticket["epoch"] == 2
+    with np.load(tmp_path / "masks.npz") as masks:
+        assert set(masks.files) == {"epochs", "p0.3", "p0.4", "p0.5", "p0.7"}
