@@ -43,6 +43,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.conv_impl = "auto"  # 'auto' (fast path picked per backend), 'xla' or 'patches'
     c.cpu_xla_flags = True  # XLA's Eigen convolution on CPU (eb_jax.platform)
     c.log_every_steps = 100  # progress lines within an epoch
+    c.checkpoint_every_steps = 1000  # plus one at every epoch end; 0: epoch ends only
+    c.checkpoints_to_keep = 3
+    c.async_checkpoints = True
     c.num_data_threads = 4
     return c
 
@@ -64,6 +67,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ConfigError(f"learning_rate={config.learning_rate} must be positive")
     if config.sparsity < 0 or config.weight_decay < 0:
         raise ConfigError("sparsity and weight_decay must be >= 0")
+    if config.checkpoints_to_keep < 1 or config.checkpoint_every_steps < 0:
+        raise ConfigError("checkpoints_to_keep must be >= 1 and checkpoint_every_steps >= 0")
     if config.method not in METHODS:
         raise ConfigError(f"method={config.method!r} must be one of {METHODS}")
     for ratio in (config.prune_ratio, *config.monitor_ratios):

@@ -54,8 +54,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv) -> int:
     del argv
     from eb_jax import pipeline, platform, report
+    from eb_jax.checkpoint import CheckpointError
     from eb_jax.config import ConfigError
     from eb_jax.data import DataError
+    from eb_jax.trainer import TrainingDiverged
 
     config = _CONFIG[0].value
     platform.set_cpu_xla_flags(config.cpu_xla_flags)  # before JAX starts its backend
@@ -63,7 +65,7 @@ def main(argv) -> int:
     workdir = _WORKDIR.value or pipeline.default_workdir(flags.FLAGS["config"].value_path)
     try:
         pipeline.run(config, workdir)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
         _fail(str(e))
     return 0
 

@@ -1,4 +1,4 @@
-"""The training run as a readable sequence of stages.
+"""The training run as a readable sequence of stages, checkpointed so a killed run resumes.
 
 method 'dense': train for num_epochs. method 'eb': the Early-Bird search, drawing masks
 from the BN scales before every epoch until the ticket for `prune_ratio` emerges
@@ -8,52 +8,117 @@ from the BN scales before every epoch until the ticket for `prune_ratio` emerges
 from __future__ import annotations
 
 import os
-import time
 
+import flax
 import jax
-import numpy as np
 
 from eb_jax import data as data_lib
-from eb_jax import parallel, report, train
+from eb_jax import report, train
+from eb_jax.checkpoint import Checkpointer, check_config_matches
 from eb_jax.config import ConfigError, validate
-from eb_jax.models import bn_scales, create_model
+from eb_jax.models import bn_scales, create_model, widths_from_json
 from eb_jax.ticket import EarlyBirdDetector
 from eb_jax.ticket.search import TicketSearch
+from eb_jax.trainer import Trainer
 
 logger = report.logger
 
 
 def run(config, workdir: str) -> dict:
-    """Runs `config.method` on `config.dataset`; returns the last epoch's metrics."""
+    """Runs `config.method` on `config.dataset`, resuming from `workdir` if it holds a run.
+
+    Returns the last epoch's metrics.
+    """
     validate(config, jax.local_device_count())
     data = data_lib.open_dataset(config.dataset, config.data_dir or None)
+    _new_model(config, data.num_classes)  # an unknown model fails before the workdir is touched
+    checkpointer = Checkpointer(workdir, config.checkpoints_to_keep, config.async_checkpoints)
     try:
-        model = create_model(config.model, data.num_classes, config.conv_impl)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    trainer = Trainer(config, data, model, workdir)
-    try:
-        if config.method == "dense":
-            for epoch in range(config.num_epochs):
-                trainer.train_epoch(epoch)
-        else:
-            search_ticket(config, trainer, workdir)
+        model, state, search, meta = _start_or_resume(config, data, checkpointer, workdir)
+        trainer = Trainer(config, data, model, workdir, state, checkpointer, search, meta)
+        try:
+            if config.method == "dense":
+                for epoch in range(trainer.epoch, config.num_epochs):
+                    trainer.train_epoch(epoch)
+            else:
+                search_ticket(config, trainer, search, workdir)
+        finally:
+            trainer.writer.close()
     finally:
-        trainer.writer.close()
+        checkpointer.close()
     return trainer.last_metrics
 
 
-def search_ticket(config, trainer, workdir: str) -> TicketSearch:
-    """Dense training with masks drawn before every epoch until the ticket emerges."""
+def _new_model(config, num_classes: int, widths: dict | None = None):
+    try:
+        return create_model(config.model, num_classes, config.conv_impl, **(widths or {}))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _new_search(config, model, params) -> TicketSearch | None:
+    if config.method != "eb":
+        return None
     detector = EarlyBirdDetector(config.eb_window, config.eb_eps, config.eb_rule)
-    sizes = [s.shape[0] for s in trainer.bn_scales()]
-    search = TicketSearch(config.monitor_ratios, config.prune_ratio, detector, sizes)
-    for epoch in range(config.num_epochs + 1):
-        result = search.observe(epoch, trainer.bn_scales())
-        _log_search(trainer, search, epoch, result)
-        if epoch == config.num_epochs or (search.ticket and not config.keep_searching):
+    sizes = [s.shape[0] for s in bn_scales(model, params)]
+    return TicketSearch(config.monitor_ratios, config.prune_ratio, detector, sizes)
+
+
+def _start_or_resume(config, data, checkpointer, workdir):
+    """(model, TrainState, TicketSearch or None, meta or None) fresh or from the newest
+    readable checkpoint; the model is rebuilt from the checkpoint's widths first."""
+    steps_per_epoch = data_lib.input_pipeline.steps_per_epoch(data, config.batch_size)
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"batch_size={config.batch_size} exceeds the {len(data.train)} training examples"
+        )
+    tx = train.create_optimizer(config, steps_per_epoch)
+
+    def fresh(widths=None):
+        model = _new_model(config, data.num_classes, widths)
+        state = train.create_train_state(
+            model, jax.random.key(config.seed), data.spec.image_shape, tx
+        )
+        return model, state, _new_search(config, model, state.params)
+
+    built = {}
+
+    def target_for(meta):
+        check_config_matches(config, meta, workdir)
+        built["parts"] = fresh(widths_from_json(meta["widths"]))
+        _, state, search = built["parts"]
+        target = {"train": flax.serialization.to_state_dict(state)}
+        if search is not None and meta.get("search"):
+            target["search"] = search.arrays_like(len(meta["search"]["epochs"]))
+        return target
+
+    restored = checkpointer.restore(target_for)
+    if restored is None:
+        return (*fresh(), None)
+    step, arrays, meta = restored
+    model, state, search = built["parts"]
+    state = flax.serialization.from_state_dict(state, arrays["train"])
+    if search is not None and meta.get("search"):
+        search.load_state_dict(arrays["search"], meta["search"])
+    logger.info(
+        "resuming the run in %s from its checkpoint at step %d (epoch %d, stage %s)",
+        workdir, step, meta["epoch"], meta["stage"],
+    )  # fmt: skip
+    return model, state, search, meta
+
+
+def search_ticket(config, trainer: Trainer, search: TicketSearch, workdir: str):
+    """Dense training with masks drawn before every epoch until the ticket emerges."""
+    epoch = trainer.epoch
+    while True:
+        if epoch not in search.epochs:
+            result = search.observe(epoch, trainer.bn_scales())
+            _log_search(trainer, search, epoch, result)
+        done = search.ticket is not None and not config.keep_searching
+        if epoch == config.num_epochs or done:
             break
         trainer.train_epoch(epoch)
+        epoch += 1
     if search.ticket is None:
         ticket = search.take_last_mask()
         logger.info(
@@ -71,134 +136,20 @@ def search_ticket(config, trainer, workdir: str) -> TicketSearch:
     return search
 
 
-def _log_search(trainer, search, epoch: int, result: dict) -> None:
-    step = epoch * trainer.steps_per_epoch
+def _log_search(trainer: Trainer, search: TicketSearch, epoch: int, result: dict) -> None:
     scalars = {}
     for ratio, (distances, emerged) in result.items():
-        history = search.history[ratio]
-        if len(history) > 1:
+        if len(search.history[ratio]) > 1:
             scalars[f"eb/p{ratio:g}/distance_to_previous"] = search.consecutive_distances(ratio)[-1]
         if len(distances):
-            scalars[f"eb/p{ratio:g}/max_window_distance"] = float(np.max(distances))
+            scalars[f"eb/p{ratio:g}/max_window_distance"] = float(max(distances))
         if emerged and search.detected[ratio] == epoch:
             logger.info(
                 "early-bird ticket for p=%g emerged after %d epochs (window distances %s)",
                 ratio, epoch, " ".join(f"{d:.3f}" for d in distances),
             )  # fmt: skip
     if scalars:
-        trainer.writer.write_scalars(step, scalars)
-
-
-class Trainer:
-    """Trains one network (replicated over the local devices) epoch by epoch."""
-
-    def __init__(self, config, data, model, workdir: str, state=None):
-        self.config, self.data, self.model = config, data, model
-        self.steps_per_epoch = data_lib.input_pipeline.steps_per_epoch(data, config.batch_size)
-        if self.steps_per_epoch == 0:
-            raise ConfigError(
-                f"batch_size={config.batch_size} exceeds the {len(data.train)} training examples"
-            )
-        if state is None:
-            tx = train.create_optimizer(config, self.steps_per_epoch)
-            state = train.create_train_state(
-                model, jax.random.key(config.seed), data.spec.image_shape, tx
-            )
-        self.state = parallel.replicate(state)
-        self.p_train = parallel.pmap_step(train.train_step)
-        self.p_eval = parallel.pmap_step(train.eval_step, donate_state=False)
-        self.wait = parallel.must_wait_each_step()
-        self.writer = report.MetricWriter(workdir, enabled=jax.process_index() == 0)
-        self.start_time, self.epochs_done, self.last_metrics = time.perf_counter(), 0, {}
-        logger.info(
-            "%s on %s: %d train / %d test images, %d steps/epoch, %s, workdir %s",
-            config.model, config.dataset, len(data.train), len(data.eval),
-            self.steps_per_epoch, _devices(), workdir,
-        )  # fmt: skip
-
-    def bn_scales(self) -> list:
-        """The BN scale vectors (first device's copy) in module order."""
-        params = jax.tree.map(lambda x: x[0], self.state.params)
-        return bn_scales(self.model, params)
-
-    def train_epoch(self, epoch: int) -> dict:
-        """One pass over the training set, then an evaluation; logs and returns metrics."""
-        config = self.config
-        epoch_start = time.perf_counter()
-        batches = data_lib.train_batches(
-            self.data, config.batch_size, config.seed, epoch, num_threads=config.num_data_threads
-        )
-        sums = None
-        for step, batch in enumerate(batches):
-            self.state, metrics = self.p_train(self.state, parallel.shard(batch))
-            if self.wait:
-                jax.block_until_ready(metrics)
-            sums = _accumulate(sums, metrics)
-            if config.log_every_steps and (step + 1) % config.log_every_steps == 0:
-                self._log_progress(epoch, step + 1, epoch_start, sums)
-        train_time = time.perf_counter() - epoch_start
-        self.state = parallel.sync_batch_stats(self.state)
-        test = self.evaluate()
-        trained = _rates(parallel.to_float(sums))
-        self.epochs_done += 1
-        elapsed = time.perf_counter() - self.start_time
-        eta = elapsed / self.epochs_done * (config.num_epochs - epoch - 1)
-        global_step = (epoch + 1) * self.steps_per_epoch
-        schedule = train.lr_schedule(
-            config.learning_rate, config.lr_boundaries, config.lr_decay, self.steps_per_epoch
-        )
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": trained["loss"],
-            "train_accuracy": trained["accuracy"],
-            "test_loss": test["loss"],
-            "test_accuracy": test["accuracy"],
-            "images_per_sec": self.steps_per_epoch * config.batch_size / train_time,
-            "learning_rate": float(schedule(global_step - 1)),
-        }
-        self.writer.write_scalars(global_step, metrics)
-        logger.info(
-            "epoch %3d/%d  loss %.4f  train %.2f%%  test %.2f%%  %.0f img/s  ETA %s",
-            epoch + 1, config.num_epochs, metrics["train_loss"],
-            100 * metrics["train_accuracy"], 100 * metrics["test_accuracy"],
-            metrics["images_per_sec"], report.format_duration(eta),
-        )  # fmt: skip
-        self.last_metrics = metrics
-        return metrics
-
-    def evaluate(self) -> dict:
-        """Loss and accuracy over the whole eval split."""
-        sums = None
-        for batch in data_lib.eval_batches(self.data, self.config.eval_batch_size):
-            metrics = self.p_eval(self.state, parallel.shard(batch))
-            if self.wait:
-                jax.block_until_ready(metrics)
-            sums = _accumulate(sums, metrics)
-        return _rates(parallel.to_float(sums))
-
-    def _log_progress(self, epoch: int, step: int, epoch_start: float, sums) -> None:
-        elapsed = time.perf_counter() - epoch_start
-        rates = _rates(parallel.to_float(sums))
-        logger.info(
-            "epoch %3d  step %d/%d  loss %.4f  train %.2f%%  %.0f img/s  epoch ETA %s",
-            epoch + 1, step, self.steps_per_epoch, rates["loss"], 100 * rates["accuracy"],
-            step * self.config.batch_size / elapsed,
-            report.format_duration(elapsed / step * (self.steps_per_epoch - step)),
-        )  # fmt: skip
-
-
-def _accumulate(sums, device_metrics):
-    metrics = jax.tree.map(lambda m: m[0], device_metrics)  # psum'd: every copy is equal
-    return metrics if sums is None else jax.tree.map(np.add, sums, metrics)
-
-
-def _rates(sums: dict) -> dict:
-    count = max(sums["count"], 1)
-    return {"loss": sums["loss_sum"] / count, "accuracy": sums["correct"] / count}
-
-
-def _devices() -> str:
-    return f"{jax.local_device_count()} x {jax.local_devices()[0].device_kind}"
+        trainer.writer.write_scalars(epoch * trainer.steps_per_epoch, scalars)
 
 
 def default_workdir(config_path: str) -> str:

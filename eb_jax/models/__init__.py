@@ -41,6 +41,24 @@ def create_model(name: str, num_classes: int, conv_impl: str = "auto", **widths)
     return MODELS[name](num_classes=num_classes, conv_impl=conv_impl, **widths)
 
 
+def model_widths(model: nn.Module) -> dict:
+    """The model's per-layer width fields (None = the dense default), JSON-ready."""
+    return {f: _as_lists(getattr(model, f)) for f in model.WIDTH_FIELDS}
+
+
+def widths_from_json(record: dict) -> dict:
+    """Inverse of `model_widths` after a JSON round trip: lists back to (nested) tuples."""
+    return {k: _as_tuples(v) for k, v in record.items()}
+
+
+def _as_lists(value):
+    return [_as_lists(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def get_path(tree, path):
     for key in path:
         tree = tree[key]

@@ -48,6 +48,8 @@ class PreResNet(nn.Module):
     conv_impl: str = "auto"
     bn_scale_init: float = 0.5
 
+    WIDTH_FIELDS = ("inner_widths", "selections")
+
     def _widths(self):
         n_blocks = 3 * blocks_per_stage(self.depth)
         inner = self.inner_widths or default_inner_widths(self.depth)

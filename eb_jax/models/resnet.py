@@ -41,6 +41,8 @@ class ResNet(nn.Module):
     conv_impl: str = "auto"
     bn_scale_init: float = 1.0
 
+    WIDTH_FIELDS = ("stem_width", "stage_widths", "inner_widths")
+
     def _widths(self):
         if self.block not in BLOCK_KINDS:
             raise ValueError(f"ResNet block must be one of {BLOCK_KINDS}, got {self.block!r}")

@@ -29,6 +29,8 @@ class VGG(nn.Module):
     conv_impl: str = "auto"
     bn_scale_init: float = 0.5
 
+    WIDTH_FIELDS = ("cfg",)
+
     def conv_widths(self) -> list[int]:
         return [c for c in self.cfg if c != "M"]
 

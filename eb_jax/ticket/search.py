@@ -71,6 +71,48 @@ class TicketSearch:
             report[ratio] = (distances, emerged)
         return report
 
+    def state_dict(self) -> tuple[dict, dict]:
+        """(arrays, json) to checkpoint: detector windows and mask history, bookkeeping."""
+        total = sum(self.layer_sizes)
+        arrays = {
+            f"p{r:g}": {
+                "window": self.states[r]["masks"],
+                "count": np.asarray(self.states[r]["count"], np.int64),
+                "history": np.stack(self.history[r]) if self.history[r] else
+                np.zeros((0, total), bool),
+            }
+            for r in self.ratios
+        }  # fmt: skip
+        record = {
+            "epochs": list(self.epochs),
+            "detected": {f"{r:g}": e for r, e in self.detected.items()},
+            "ticket": self.ticket.to_json() if self.ticket else None,
+        }
+        return arrays, record
+
+    def arrays_like(self, n_observed: int) -> dict:
+        """Zero arrays shaped like `state_dict()[0]` after n_observed epochs (a restore target)."""
+        total = sum(self.layer_sizes)
+        return {
+            f"p{r:g}": {
+                "window": np.zeros((self.detector.capacity, total), bool),
+                "count": np.asarray(0, np.int64),
+                "history": np.zeros((n_observed, total), bool),
+            }
+            for r in self.ratios
+        }
+
+    def load_state_dict(self, arrays: dict, record: dict) -> None:
+        """Restores what `state_dict` returned."""
+        for r in self.ratios:
+            entry = arrays[f"p{r:g}"]
+            self.states[r] = {"masks": np.asarray(entry["window"]),
+                              "count": np.int64(entry["count"])}  # fmt: skip
+            self.history[r] = list(np.asarray(entry["history"]))
+        self.epochs = list(record["epochs"])
+        self.detected = {float(r): e for r, e in record["detected"].items()}
+        self.ticket = Ticket.from_json(record["ticket"]) if record["ticket"] else None
+
     def take_last_mask(self) -> Ticket:
         """The ticket when the detector never fired: the last mask observed."""
         masks = np.split(self.history[self.target][-1], np.cumsum(self.layer_sizes)[:-1])

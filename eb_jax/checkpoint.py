@@ -1,0 +1,166 @@
+"""Checkpoints with orbax: arrays (StandardSave) + a JSON record (JsonSave) per step.
+
+The JSON record holds what is needed *before* arrays can be restored: the model name,
+its per-layer widths and class count, the stage, the training position and the config.
+`restore` reads it first, builds the (possibly pruned) model's abstract state, then
+restores the arrays. A damaged newest step is reported in one line, moved aside (never
+deleted) and the previous step is used. No pickles: arrays go to orbax, the rest to JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+logger = logging.getLogger("eb_jax")
+
+# Config fields that fix a run's trajectory: resuming with other values is an error.
+RESUME_FIELDS = (
+    "model", "dataset", "batch_size", "learning_rate", "lr_boundaries", "lr_decay",
+    "momentum", "weight_decay", "sparsity", "seed", "method", "prune_ratio",
+    "monitor_ratios", "eb_window", "eb_eps", "eb_rule",
+)  # fmt: skip
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+def config_record(config) -> dict:
+    """The resume-relevant config fields as JSON values, and their hash."""
+    fields = {k: _jsonable(config[k]) for k in RESUME_FIELDS if k in config}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    return {"fields": fields, "hash": digest}
+
+
+def check_config_matches(config, meta: dict, workdir: str) -> None:
+    """Raises CheckpointError naming the fields where `config` differs from the run's."""
+    saved, now = meta["config"]["fields"], config_record(config)["fields"]
+    diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} now"
+             for k, v in now.items() if saved.get(k) != v]  # fmt: skip
+    if diffs:
+        raise CheckpointError(
+            f"{workdir} holds a run with a different config ({'; '.join(diffs)}); resume "
+            "with the same values or start a new run with another --workdir"
+        )
+
+
+class Checkpointer:
+    """Saves every `every_steps` steps (and when asked) to WORKDIR/checkpoints, keeps `keep`."""
+
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self._options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # orbax's own unfinished saves, nothing else
+            create=True,
+        )
+        self._manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(self.directory, options=self._options,
+                                     item_names=("arrays", "meta"))  # fmt: skip
+
+    def steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, arrays, meta: dict) -> None:
+        """Saves asynchronously where orbax allows; `arrays` is a pytree of arrays."""
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(_jsonable(meta))
+            ),
+        )
+
+    def read_meta(self, step: int) -> dict:
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        if not restored.meta:
+            raise CheckpointError("its JSON record is missing")
+        return restored.meta
+
+    def restore(self, target_for: Callable[[dict], object]):
+        """(step, arrays, meta) of the newest readable step, or None when there is none.
+
+        `target_for(meta)` returns the arrays' target tree, or None for the tree as saved.
+        """
+        self.wait()
+        for step in sorted(self.steps(), reverse=True):
+            try:
+                meta = self.read_meta(step)
+                target = target_for(meta)
+                restore = ocp.args.StandardRestore(target)
+                restored = self._manager.restore(step, args=ocp.args.Composite(arrays=restore))
+                return step, restored.arrays, meta
+            except CheckpointError as e:
+                if "different config" in str(e):
+                    raise
+                self._set_aside(step, str(e))
+            except Exception as e:  # orbax/tensorstore raise many types for damaged files
+                detail = " ".join(str(e).split()).split(" See full")[0][:160]
+                self._set_aside(step, f"{type(e).__name__}: {detail}")
+        return None
+
+    def _set_aside(self, step: int, reason: str) -> None:
+        aside = os.path.join(self.directory, f"damaged-{step}-{int(time.time())}")
+        os.rename(os.path.join(self.directory, str(step)), aside)
+        logger.warning(
+            "checkpoint step %d is damaged (%s); moved to %s, falling back to the previous one",
+            step, reason, aside,
+        )  # fmt: skip
+        self._manager.close()
+        self._manager = self._open()
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+        # orbax removes its unfinished temporaries in a background thread started by the
+        # manager, which close() does not join; an early exit would interrupt it.
+        getattr(self._manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
+
+    def close(self) -> None:
+        self.wait()
+        self._manager.close()
+
+
+def load_model(workdir: str):
+    """(model, {'params', 'batch_stats'}, meta) from the newest readable checkpoint in
+    `workdir`, built from its recorded model name and widths alone (pruned ones too)."""
+    from eb_jax.models import create_model, widths_from_json
+
+    models = {}
+
+    def target_for(meta):
+        widths = widths_from_json(meta["widths"])
+        models["model"] = create_model(meta["model"], meta["num_classes"], **widths)
+        return None  # the arrays as saved
+
+    checkpointer = Checkpointer(workdir, async_save=False)
+    try:
+        restored = checkpointer.restore(target_for)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise CheckpointError(f"no readable checkpoint in {checkpointer.directory}")
+    _, arrays, meta = restored
+    train_state = arrays["train"]
+    variables = {"params": train_state["params"], "batch_stats": train_state.get("batch_stats", {})}
+    return models["model"], variables, meta
+
+
+def _jsonable(value):
+    """Config values and numpy scalars as plain JSON types (tuples become lists)."""
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

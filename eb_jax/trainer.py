@@ -1,0 +1,199 @@
+"""Trains one network epoch by epoch over the local devices, checkpointing as it goes."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import flax
+import jax
+import numpy as np
+
+from eb_jax import data as data_lib
+from eb_jax import parallel, report, train
+from eb_jax.checkpoint import config_record
+from eb_jax.models import bn_scales, model_widths
+
+logger = report.logger
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class Trainer:
+    """Holds the replicated TrainState; `train_epoch` resumes mid-epoch where it stopped.
+
+    Checkpoints go out every `config.checkpoint_every_steps` steps and at each epoch end,
+    with the BN statistics averaged over the devices first (at the same steps in every
+    run, so an interrupted run stays bit-identical to an uninterrupted one).
+    """
+
+    def __init__(self, config, data, model, workdir, state, checkpointer=None, search=None,
+                 meta=None):  # fmt: skip
+        self.config, self.data, self.model = config, data, model
+        self.checkpointer, self.search = checkpointer, search
+        self.steps_per_epoch = data_lib.input_pipeline.steps_per_epoch(data, config.batch_size)
+        self.state = parallel.replicate(state)
+        self.step = int(state.step)  # global step = the optimizer's update count
+        self.p_train = parallel.pmap_step(train.train_step)
+        self.p_eval = parallel.pmap_step(train.eval_step, donate_state=False)
+        self.wait = parallel.must_wait_each_step()
+        self.writer = report.MetricWriter(workdir, enabled=jax.process_index() == 0)
+        self.sums = (meta or {}).get("epoch_sums")  # this epoch's train metrics so far
+        self.last_saved = self.step if meta else None
+        self.start_time, self.start_step, self.last_metrics = time.perf_counter(), self.step, {}
+        logger.info(
+            "%s on %s: %d train / %d test images, %d steps/epoch, %s, workdir %s",
+            config.model, config.dataset, len(data.train), len(data.eval),
+            self.steps_per_epoch, _devices(), workdir,
+        )  # fmt: skip
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next step belongs to."""
+        return self.step // self.steps_per_epoch
+
+    def bn_scales(self) -> list:
+        """The BN scale vectors (first device's copy) in module order."""
+        return bn_scales(self.model, jax.tree.map(lambda x: x[0], self.state.params))
+
+    def train_epoch(self, epoch: int) -> dict:
+        """Trains the rest of `epoch` (all of it unless resumed mid-epoch), then evaluates."""
+        config = self.config
+        first = self.step - epoch * self.steps_per_epoch
+        if not 0 <= first < self.steps_per_epoch:
+            raise ValueError(f"at step {self.step}, epoch {epoch} is not the current one")
+        epoch_start = time.perf_counter()
+        batches = data_lib.train_batches(
+            self.data, config.batch_size, config.seed, epoch, start_step=first,
+            num_threads=config.num_data_threads,
+        )  # fmt: skip
+        if first == 0:
+            self.sums = None
+        for batch in batches:
+            self.state, metrics = self.p_train(self.state, parallel.shard(batch))
+            if self.wait:
+                jax.block_until_ready(metrics)
+            self.sums = _accumulate(self.sums, metrics)
+            self.step += 1
+            if self.wait:
+                self._check_finite()
+            done = self.step - epoch * self.steps_per_epoch
+            if config.log_every_steps and done % config.log_every_steps == 0:
+                self._log_progress(epoch, done, first, epoch_start)
+            every = config.checkpoint_every_steps
+            if every and self.step % every == 0 and done < self.steps_per_epoch:
+                self.save(stage=self.stage)
+        train_time = time.perf_counter() - epoch_start
+        self._check_finite()
+        self.state = parallel.sync_batch_stats(self.state)
+        test = self.evaluate()
+        trained = _rates(self.sums)
+        elapsed = time.perf_counter() - self.start_time
+        steps_left = config.num_epochs * self.steps_per_epoch - self.step
+        eta = elapsed / max(self.step - self.start_step, 1) * steps_left
+        lr = train.lr_schedule(
+            config.learning_rate, config.lr_boundaries, config.lr_decay, self.steps_per_epoch
+        )(self.step - 1)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": trained["loss"],
+            "train_accuracy": trained["accuracy"],
+            "test_loss": test["loss"],
+            "test_accuracy": test["accuracy"],
+            "images_per_sec": (self.steps_per_epoch - first) * config.batch_size / train_time,
+            "learning_rate": float(lr),
+        }
+        self.writer.write_scalars(self.step, metrics)
+        logger.info(
+            "epoch %3d/%d  loss %.4f  train %.2f%%  test %.2f%%  %.0f img/s  ETA %s",
+            epoch + 1, config.num_epochs, metrics["train_loss"],
+            100 * metrics["train_accuracy"], 100 * metrics["test_accuracy"],
+            metrics["images_per_sec"], report.format_duration(eta),
+        )  # fmt: skip
+        self.last_metrics = metrics
+        self.save(stage=self.stage)
+        return metrics
+
+    @property
+    def stage(self) -> str:
+        return "search" if self.search is not None else "dense"
+
+    def evaluate(self) -> dict:
+        """Loss and accuracy over the whole eval split."""
+        sums = None
+        for batch in data_lib.eval_batches(self.data, self.config.eval_batch_size):
+            metrics = self.p_eval(self.state, parallel.shard(batch))
+            if self.wait:
+                jax.block_until_ready(metrics)
+            sums = _accumulate(sums, metrics)
+        return _rates(sums)
+
+    def save(self, stage: str) -> None:
+        """Checkpoints the state, the search and the position (once per step)."""
+        if self.checkpointer is None or self.last_saved == self.step:
+            return
+        self._check_finite()
+        self.state = parallel.sync_batch_stats(self.state)
+        state = parallel.unreplicate(self.state)
+        arrays = {"train": flax.serialization.to_state_dict(state)}
+        meta = {
+            "model": self.config.model,
+            "num_classes": self.data.num_classes,
+            "input_shape": list(self.data.spec.image_shape),
+            "widths": model_widths(self.model),
+            "stage": stage,
+            "step": self.step,
+            "epoch": self.epoch,
+            "epoch_sums": _host(self.sums) if self.sums else None,
+            "config": config_record(self.config),
+        }
+        if self.search is not None:
+            arrays["search"], meta["search"] = self.search.state_dict()
+        self.checkpointer.save(self.step, arrays, meta)
+        self.last_saved = self.step
+
+    def _check_finite(self) -> None:
+        if self.sums is not None and not math.isfinite(_host(self.sums)["loss_sum"]):
+            saved = self.checkpointer.steps() if self.checkpointer else []
+            kept = (
+                f"the last good checkpoint (step {saved[-1]}) is kept" if saved else "no checkpoint"
+            )
+            raise TrainingDiverged(
+                f"the training loss became {_host(self.sums)['loss_sum']} by step {self.step} "
+                f"(epoch {self.epoch + 1}); {kept}; lower learning_rate or check the data"
+            )
+
+    def _log_progress(self, epoch: int, done: int, first: int, epoch_start: float) -> None:
+        elapsed = time.perf_counter() - epoch_start
+        rates = _rates(self.sums)
+        logger.info(
+            "epoch %3d  step %d/%d  loss %.4f  train %.2f%%  %.0f img/s  epoch ETA %s",
+            epoch + 1, done, self.steps_per_epoch, rates["loss"], 100 * rates["accuracy"],
+            (done - first) * self.config.batch_size / elapsed,
+            report.format_duration(elapsed / (done - first) * (self.steps_per_epoch - done)),
+        )  # fmt: skip
+
+
+def _accumulate(sums, device_metrics) -> dict:
+    """Adds one step's (psum'd, so equal on every device) metrics to the running sums.
+
+    The sums stay on the device (no host sync per step) until `_host` reads them.
+    """
+    metrics = {k: v[0] for k, v in device_metrics.items()}
+    return metrics if sums is None else {k: sums[k] + metrics[k] for k in sums}
+
+
+def _host(sums: dict) -> dict:
+    return {k: float(np.asarray(v)) for k, v in sums.items()}
+
+
+def _rates(sums: dict) -> dict:
+    sums = _host(sums)
+    count = max(sums["count"], 1)
+    return {"loss": sums["loss_sum"] / count, "accuracy": sums["correct"] / count}
+
+
+def _devices() -> str:
+    return f"{jax.local_device_count()} x {jax.local_devices()[0].device_kind}"

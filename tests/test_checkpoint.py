@@ -1,0 +1,187 @@
+"""Checkpoints: exact resume after SIGKILL, fallback past damage, NaN stop, pruned models."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from eb_jax import pipeline, train
+from eb_jax.checkpoint import Checkpointer, load_model
+from eb_jax.config import default_config
+from eb_jax.data import open_dataset
+from eb_jax.models import create_model
+from eb_jax.trainer import Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _command(workdir, data_dir, *extra):
+    return [sys.executable, "-m", "eb_jax.main", "--workdir", str(workdir),
+            f"--config.data_dir={data_dir}", "--config.num_epochs=4",
+            "--config.checkpoint_every_steps=5", *extra]  # fmt: skip
+
+
+def _run_killed_when(cmd, predicate, timeout=180):
+    """Runs cmd; SIGKILLs it as soon as predicate() holds. Returns True if it was killed."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if predicate():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.002)
+    proc.wait(timeout=10)
+    return False
+
+
+def _entries(workdir):
+    directory = os.path.join(workdir, "checkpoints")
+    return os.listdir(directory) if os.path.isdir(directory) else []
+
+
+def _steps(workdir):
+    return sorted(int(e) for e in _entries(workdir) if e.isdigit())
+
+
+def _final_arrays(workdir):
+    step = _steps(workdir)[-1]
+    path = os.path.join(workdir, "checkpoints", str(step), "arrays")
+    return step, ocp.StandardCheckpointer().restore(path)
+
+
+def test_killed_quickstart_resumes_bit_identically(tmp_path, data_dir):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    result = subprocess.run(_command(straight, data_dir), cwd=ROOT, capture_output=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    cmd = _command(killed, data_dir)
+    # Mid-epoch (22 steps per epoch): right after the step-35 checkpoint appears.
+    assert _run_killed_when(cmd, lambda: 35 in _steps(killed))
+    # During a save: while orbax's temporary directory for a later step exists.
+    assert _run_killed_when(
+        cmd, lambda: any("tmp" in e for e in _entries(killed)) and _steps(killed)[-1] >= 60
+    )
+    resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming the run in" in resumed.stdout
+    assert not any("tmp" in e for e in _entries(killed))  # orbax's leftovers cleaned up
+
+    step_a, a = _final_arrays(straight)
+    step_b, b = _final_arrays(killed)
+    assert step_a == step_b == 4 * 22
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert (straight / "ticket.json").read_text() == (killed / "ticket.json").read_text()
+
+
+def _config(data_dir, **overrides):
+    config = default_config()
+    config.update(
+        model="vgg_tiny", dataset="digits", data_dir=data_dir, batch_size=128,
+        eval_batch_size=120, num_epochs=2, lr_boundaries=(), log_every_steps=0,
+        checkpoint_every_steps=4, async_checkpoints=False,
+    )  # fmt: skip
+    config.update(overrides)
+    return config
+
+
+def _damage(workdir, step, how):
+    step_dir = os.path.join(workdir, "checkpoints", str(step))
+    if how == "missing metadata":
+        os.remove(os.path.join(step_dir, "meta", "metadata"))
+        return
+    for root, _, files in os.walk(os.path.join(step_dir, "arrays")):
+        for name in files:
+            if "ocdbt.process" in root and "/d" in root:  # the array data files
+                path = os.path.join(root, name)
+                with open(path, "r+b") as f:
+                    if how == "truncated":
+                        f.truncate(os.path.getsize(path) // 2)
+                    else:
+                        f.seek(0)
+                        f.write(b"\xff" * 64)
+
+
+@pytest.mark.parametrize("how", ["truncated", "corrupted", "missing metadata"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, data_dir, how, caplog):
+    pipeline.run(_config(data_dir, num_epochs=1), str(tmp_path))
+    steps = _steps(tmp_path)
+    assert steps == [4, 8, 11]
+    _damage(tmp_path, 11, how)
+    with caplog.at_level("INFO", logger="eb_jax"):
+        pipeline.run(_config(data_dir, num_epochs=2), str(tmp_path))
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == "eb_jax" and r.levelname == "WARNING"]  # fmt: skip
+    assert len(warnings) == 1 and "checkpoint step 11 is damaged" in warnings[0]
+    assert "\n" not in warnings[0]
+    assert any(e.startswith("damaged-11-") for e in _entries(tmp_path))  # kept, set aside
+    assert _steps(tmp_path)[-1] == 22
+    resumed = [r.getMessage() for r in caplog.records if "resuming" in r.getMessage()]
+    assert "from its checkpoint at step 8" in resumed[0]
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, data_dir):
+    # lr x1e12 from epoch 1 on: the loss blows up after the epoch-0 checkpoint (step 22).
+    cmd = [sys.executable, "-m", "eb_jax.main", "--workdir", str(tmp_path),
+           f"--config.data_dir={data_dir}", "--config.lr_boundaries=(1,)",
+           "--config.lr_decay=1e12", "--config.method=dense",
+           "--config.checkpoint_every_steps=0"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 1 and "the training loss became" in errors[0], result.stderr[-2000:]
+    assert "the last good checkpoint (step 22) is kept" in errors[0]
+    assert _steps(tmp_path) == [22]
+
+
+def test_config_that_does_not_match_the_checkpoint_is_a_clear_error(tmp_path, data_dir):
+    pipeline.run(_config(data_dir, num_epochs=1), str(tmp_path))
+    cmd = [sys.executable, "-m", "eb_jax.main", "--workdir", str(tmp_path),
+           f"--config.data_dir={data_dir}", "--config.model=vgg_tiny",
+           "--config.batch_size=64"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 1
+    assert "batch_size: 128 in the checkpoint, 64 now" in errors[0]
+    assert "another --workdir" in errors[0]
+    assert _steps(tmp_path) == [4, 8, 11]  # nothing touched
+
+
+def test_pruned_model_is_rebuilt_from_the_checkpoint_metadata_alone(tmp_path, data_dir):
+    config = _config(data_dir)
+    data = open_dataset("digits", data_dir)
+    narrow = create_model("vgg_tiny", 10, cfg=(3, "M", 5, 2))
+    tx = train.create_optimizer(config, 11)
+    state = train.create_train_state(narrow, jax.random.key(1), (8, 8, 1), tx)
+    checkpointer = Checkpointer(str(tmp_path), async_save=False)
+    trainer = Trainer(config, data, narrow, str(tmp_path), state, checkpointer)
+    trainer.train_epoch(0)
+    checkpointer.close()
+    trainer.writer.close()
+
+    model, variables, meta = load_model(str(tmp_path))
+    assert meta["widths"] == {"cfg": [3, "M", 5, 2]}
+    assert variables["params"]["conv2"]["kernel"].shape == (3, 3, 5, 2)
+    images = np.random.default_rng(0).standard_normal((4, 8, 8, 1)).astype(np.float32)
+    trained = jax.tree.map(lambda x: x[0], trainer.state)
+    expected = narrow.apply({"params": trained.params, "batch_stats": trained.batch_stats},
+                            images)  # fmt: skip
+    np.testing.assert_array_equal(model.apply(variables, images), expected)
+    assert json.loads(json.dumps(meta))["stage"] == "dense"
+
+
+def test_no_checkpoint_is_a_clear_error(tmp_path):
+    from eb_jax.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no readable checkpoint in"):
+        load_model(str(tmp_path))
