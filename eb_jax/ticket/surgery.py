@@ -1,0 +1,117 @@
+"""Pytree surgery: cut a network down to its ticket, inheriting the kept weights.
+
+`plan_cut` turns per-BN masks into the kept channels of every coupling group (groups.py),
+applying `min_channels` (no layer ends empty: its largest-|scale| channels stay) and
+`round_to` (kept counts rounded up with the next-largest scales). `apply_cut` slices any
+variables of the dense model with a plan, so the same plan cuts the trained weights
+('inherit') and the weights at initialisation ('rewind').
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+
+from eb_jax.models import bn_scales, get_path
+from eb_jax.ticket.groups import Group, channel_groups, current_selection, narrow_widths
+
+RETRAIN_MODES = ("inherit", "reinit", "rewind")
+
+
+@dataclasses.dataclass
+class CutPlan:
+    groups: list[Group]
+    kept: dict  # group key -> ascending kept channel indices (of the BN's channels)
+    masks: list  # effective per-BN keep-masks, bn_paths() order (all ones if not cut)
+    widths: dict  # the narrow model's width fields
+    rescued: list  # BN names of groups that min_channels kept alive
+    rounded: list  # BN names of groups that round_to widened
+
+
+def plan_cut(model, params, masks, *, min_channels: int = 1, round_to: int = 0,
+             prune_residual: bool = False) -> CutPlan:  # fmt: skip
+    """The kept channels per group for per-BN `masks` (bn_paths() order)."""
+    if min_channels < 1 or round_to < 0:
+        raise ValueError(f"min_channels must be >= 1 and round_to >= 0, got {min_channels}, "
+                         f"{round_to}")  # fmt: skip
+    names = [path[-1] for path in model.bn_paths()]
+    scales = [np.abs(np.asarray(s, np.float32)) for s in bn_scales(model, params)]
+    _check_masks(model, names, scales, masks)
+    mask_of = {n: np.asarray(m, bool).ravel() for n, m in zip(names, masks, strict=True)}
+    score_of = dict(zip(names, scales, strict=True))
+    groups = channel_groups(model, prune_residual)
+    kept, effective, rescued, rounded = {}, {n: np.ones_like(m) for n, m in mask_of.items()}, [], []
+    for group in groups:
+        width = mask_of[group.bns[0]].size
+        available = current_selection(model, group, width)
+        keep = np.zeros(width, bool)
+        for bn in group.bns:  # a channel stays if any member keeps it
+            keep |= mask_of[bn]
+        keep &= np.isin(np.arange(width), available)
+        score = np.max([score_of[bn] for bn in group.bns], axis=0)
+        target = max(int(keep.sum()), min(min_channels, available.size))
+        if target > keep.sum():
+            rescued.append(group.bns[0])
+        if round_to:
+            rounded_target = min(available.size, math.ceil(target / round_to) * round_to)
+            if rounded_target > target:
+                rounded.append(group.bns[0])
+            target = rounded_target
+        if target > keep.sum():  # add the largest-|scale| available channels not yet kept
+            candidates = available[~keep[available]]
+            best = candidates[np.argsort(-score[candidates], kind="stable")]
+            keep[best[: target - keep.sum()]] = True
+        kept[group.key] = np.flatnonzero(keep)
+        for bn in group.bns:
+            effective[bn] = keep.copy()
+    return CutPlan(groups, kept, [effective[n] for n in names], narrow_widths(model, kept),
+                   rescued, rounded)  # fmt: skip
+
+
+def apply_cut(model, variables: dict, plan: CutPlan):
+    """(narrow model, its variables): `variables` of the dense `model` sliced by `plan`."""
+    params = jax.tree.map(np.asarray, dict(variables["params"]))
+    stats = jax.tree.map(np.asarray, dict(variables.get("batch_stats", {})))
+    params, stats = _copy_tree(params), _copy_tree(stats)
+    for group in plan.groups:
+        kept = plan.kept[group.key]
+        width = get_path(params, (group.bns[0],))["scale"].shape[0]
+        positions = np.searchsorted(current_selection(model, group, width), kept)
+        if not group.select:
+            for bn in group.bns:
+                for tree, leaves in ((params, ("scale", "bias")), (stats, ("mean", "var"))):
+                    for leaf in leaves:
+                        tree[bn][leaf] = np.take(tree[bn][leaf], kept, axis=0)
+        for module, leaf, axis in group.cuts:
+            params[module][leaf] = np.take(params[module][leaf], positions, axis=axis)
+    narrow = model.clone(**plan.widths)
+    return narrow, {"params": params, "batch_stats": stats}
+
+
+def cut_ticket(model, variables, masks, **plan_options):
+    """plan_cut + apply_cut on the trained variables ('inherit'). Returns (model, vars, plan)."""
+    plan = plan_cut(model, variables["params"], masks, **plan_options)
+    narrow, narrow_variables = apply_cut(model, variables, plan)
+    return narrow, narrow_variables, plan
+
+
+def _copy_tree(tree):
+    return {k: _copy_tree(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def _check_masks(model, names, scales, masks) -> None:
+    family = type(model).__name__
+    if len(masks) != len(names):
+        raise ValueError(
+            f"got {len(masks)} masks for the {len(names)} BN layers of this {family}; pass "
+            "one mask per BN layer in bn_paths() order (a mask from another model family?)"
+        )
+    for name, scale, mask in zip(names, scales, masks, strict=True):
+        if np.asarray(mask).size != scale.size:
+            raise ValueError(
+                f"the mask for BN layer {name} has {np.asarray(mask).size} channels, the "
+                f"layer has {scale.size}"
+            )

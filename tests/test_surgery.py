@@ -1,0 +1,180 @@
+"""Surgery: the cut network computes what the dense one does with pruned channels off."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
+
+from eb_jax import train
+from eb_jax.models import bn_scales, create_model
+from eb_jax.ticket.surgery import apply_cut, cut_ticket, plan_cut
+
+FAMILIES = [  # name, input shape, plan options
+    ("vgg_tiny", (8, 8, 1), {}),
+    ("preresnet_tiny", (8, 8, 3), {}),
+    ("resnet_tiny", (16, 16, 3), {}),
+    ("resnet_tiny_bottleneck", (16, 16, 3), {}),
+    ("resnet_tiny", (16, 16, 3), {"prune_residual": True}),
+    ("resnet_tiny_bottleneck", (16, 16, 3), {"prune_residual": True}),
+]
+_VARIABLES = {}
+NO_SHRINK = (Phase.explicit, Phase.reuse, Phase.generate)  # each example compiles a model
+
+
+def _trained_like(name, shape, seed=0):
+    """Init variables with scales, biases and statistics spread as after training."""
+    if (name, seed) not in _VARIABLES:
+        model = create_model(name, 10)
+        variables = train.init_variables(model, jax.random.key(seed), shape)
+        rng = np.random.default_rng(seed)
+
+        def spread(path, x):
+            leaf = path[-1].key
+            if leaf in ("scale", "var"):
+                return rng.uniform(0.2, 1.5, x.shape).astype(np.float32)
+            if leaf in ("bias", "mean"):
+                return rng.normal(0, 0.2, x.shape).astype(np.float32)
+            return np.asarray(x)
+
+        _VARIABLES[name, seed] = (model, jax.tree_util.tree_map_with_path(spread, variables))
+    return _VARIABLES[name, seed]
+
+
+def _switched_off(model, variables, masks):
+    """The dense variables with scale and bias zeroed at every masked-out BN channel."""
+    params = jax.tree.map(np.array, variables["params"])
+    for path, mask in zip(model.bn_paths(), masks, strict=True):
+        for leaf in ("scale", "bias"):
+            params[path[-1]][leaf] = np.where(mask, params[path[-1]][leaf], 0.0)
+    return {"params": params, "batch_stats": variables["batch_stats"]}
+
+
+def _random_masks(model, params, data, keep_fraction):
+    return [
+        np.asarray(data.draw(st.lists(st.booleans(), min_size=s.shape[0], max_size=s.shape[0])))
+        if keep_fraction is None else np.random.default_rng(0).random(s.shape[0]) < keep_fraction
+        for s in bn_scales(model, params)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,shape,options", FAMILIES)
+@settings(max_examples=4, deadline=None, derandomize=True, phases=NO_SHRINK)
+@given(data=st.data())
+def test_cut_network_equals_dense_network_with_pruned_channels_off(name, shape, options, data):
+    model, variables = _trained_like(name, shape)
+    masks = _random_masks(model, variables["params"], data, None)
+    narrow, narrow_variables, plan = cut_ticket(model, variables, masks, **options)
+    images = np.random.default_rng(1).standard_normal((2, *shape)).astype(np.float32)
+    expected = jax.jit(model.apply)(_switched_off(model, variables, plan.masks), images)
+    got = jax.jit(narrow.apply)(narrow_variables, images)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    # The cut variables have exactly the narrow model's shapes.
+    fresh = jax.eval_shape(narrow.init, jax.random.key(0), jnp.zeros((1, *shape)))
+    shapes = jax.tree.map(lambda x: x.shape, narrow_variables)
+    assert shapes == jax.tree.map(lambda x: x.shape, dict(fresh))
+    # Every channel the mask kept is still there (groups and min_channels only add).
+    for asked, kept in zip(masks, plan.masks, strict=True):
+        assert np.all(kept[asked])
+
+
+@pytest.mark.parametrize("name,shape,options", FAMILIES)
+def test_all_ones_mask_gives_an_identical_model(name, shape, options):
+    model, variables = _trained_like(name, shape)
+    masks = [np.ones(s.shape[0], bool) for s in bn_scales(model, variables["params"])]
+    narrow, narrow_variables, plan = cut_ticket(model, variables, masks, **options)
+    assert jax.tree.map(np.shape, narrow_variables) == jax.tree.map(np.shape, variables)
+    for a, b in zip(jax.tree.leaves(narrow_variables), jax.tree.leaves(variables), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not plan.rescued and not plan.rounded
+
+
+def test_vgg_widths_and_parameter_count_follow_the_masks():
+    model, variables = _trained_like("vgg_tiny", (8, 8, 1))
+    masks = [np.arange(8) < 3, np.arange(16) % 2 == 0, np.arange(16) < 5]
+    narrow, narrow_variables, _ = cut_ticket(model, variables, masks)
+    assert narrow.cfg == (3, "M", 8, 5)
+    n_params = sum(x.size for x in jax.tree.leaves(narrow_variables["params"]))
+    convs = 9 * (1 * 3 + 3 * 8 + 8 * 5)
+    assert n_params == convs + 2 * (3 + 8 + 5) + 5 * 10 + 10
+
+
+def test_preresnet_selection_reads_the_kept_input_channels():
+    model, variables = _trained_like("preresnet_tiny", (8, 8, 3))
+    masks = [np.zeros(s.shape[0], bool) for s in bn_scales(model, variables["params"])]
+    masks[0][[2, 5, 7]] = True  # stage0_block0_bn1 (16 input channels)
+    narrow, narrow_variables, plan = cut_ticket(model, variables, masks)
+    assert narrow.selections[0] == (2, 5, 7)
+    assert narrow_variables["params"]["stage0_block0_bn1"]["scale"].shape == (16,)  # full
+    kernel = np.asarray(variables["params"]["stage0_block0_conv1"]["kernel"])
+    rescued = plan.kept[("inner", 0, 0)]  # bn2's mask was empty: its best channel stays
+    assert len(rescued) == 1 and "stage0_block0_bn2" in plan.rescued
+    np.testing.assert_array_equal(
+        narrow_variables["params"]["stage0_block0_conv1"]["kernel"],
+        kernel[:, :, [2, 5, 7]][..., rescued],
+    )
+
+
+def test_min_channels_keeps_the_largest_scales_alive():
+    model, variables = _trained_like("vgg_tiny", (8, 8, 1))
+    scales = [np.asarray(s) for s in bn_scales(model, variables["params"])]
+    masks = [np.ones(8, bool), np.zeros(16, bool), np.ones(16, bool)]
+    plan = plan_cut(model, variables["params"], masks, min_channels=3)
+    assert plan.rescued == ["bn1"]
+    np.testing.assert_array_equal(plan.kept[("conv", 1)], np.sort(np.argsort(-scales[1])[:3]))
+    assert plan.widths["cfg"] == (8, "M", 3, 16)
+
+
+def test_round_to_adds_the_next_largest_scales():
+    model, variables = _trained_like("vgg_tiny", (8, 8, 1))
+    scales = [np.asarray(s) for s in bn_scales(model, variables["params"])]
+    asked = np.zeros(16, bool)
+    asked[[0, 1, 2]] = True
+    masks = [np.ones(8, bool), asked, np.arange(16) < 16]
+    plan = plan_cut(model, variables["params"], masks, round_to=8)
+    kept = plan.kept[("conv", 1)]
+    assert len(kept) == 8 and {0, 1, 2} <= set(kept.tolist())
+    extra = sorted(set(kept.tolist()) - {0, 1, 2})
+    others = np.array([c for c in range(16) if c not in (0, 1, 2)])
+    assert extra == sorted(others[np.argsort(-scales[1][others])[:5]].tolist())
+    assert plan.widths["cfg"] == (8, "M", 8, 16) and plan.rounded == ["bn1"]
+
+
+def test_rewind_cuts_the_initial_weights_with_the_same_plan():
+    model, trained = _trained_like("vgg_tiny", (8, 8, 1))
+    initial = train.init_variables(model, jax.random.key(0), (8, 8, 1))
+    masks = [np.arange(8) < 4, np.arange(16) >= 10, np.arange(16) % 3 == 0]
+    plan = plan_cut(model, trained["params"], masks)
+    _, rewound = apply_cut(model, initial, plan)
+    kernel = np.asarray(initial["params"]["conv1"]["kernel"])
+    np.testing.assert_array_equal(rewound["params"]["conv1"]["kernel"], kernel[:, :, :4, 10:])
+
+
+def test_masks_of_the_wrong_length_or_family_are_clear_errors():
+    model, variables = _trained_like("vgg_tiny", (8, 8, 1))
+    with pytest.raises(ValueError, match="got 2 masks for the 3 BN layers of this VGG"):
+        plan_cut(model, variables["params"], [np.ones(8, bool), np.ones(16, bool)])
+    with pytest.raises(ValueError, match="the mask for BN layer bn1 has 15 channels"):
+        plan_cut(model, variables["params"], [np.ones(8), np.ones(15), np.ones(16)])
+    with pytest.raises(ValueError, match="min_channels must be >= 1"):
+        plan_cut(model, variables["params"], [np.ones(8), np.ones(16), np.ones(16)],
+                 min_channels=0)  # fmt: skip
+
+
+def test_exported_ticket_loads_with_no_other_input(tmp_path):
+    from eb_jax.ticket.export import load_ticket, save_ticket
+
+    model, variables = _trained_like("resnet_tiny_bottleneck", (16, 16, 3))
+    masks = [np.random.default_rng(3).random(s.shape[0]) < 0.4
+             for s in bn_scales(model, variables["params"])]  # fmt: skip
+    narrow, narrow_variables, plan = cut_ticket(model, variables, masks, prune_residual=True)
+    save_ticket(str(tmp_path / "ticket"), "resnet_tiny_bottleneck", narrow, narrow_variables,
+                10, (16, 16, 3), ratio=0.4, epoch=7)  # fmt: skip
+    loaded, loaded_variables, meta = load_ticket(str(tmp_path / "ticket"))
+    assert loaded.stage_widths == narrow.stage_widths and loaded.inner_widths == narrow.inner_widths
+    assert meta["ticket"] == {"ratio": 0.4, "epoch": 7}
+    images = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_array_equal(
+        loaded.apply(loaded_variables, images), narrow.apply(narrow_variables, images)
+    )
