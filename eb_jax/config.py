@@ -10,6 +10,7 @@ import ml_collections
 from eb_jax.ticket import EarlyBirdDetector
 
 METHODS = ("eb", "dense")
+RETRAIN_MODES = ("inherit", "reinit", "rewind")
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.eb_eps = 0.1  # emerged when the distances are <= eps (code) / < eps (paper)
     c.eb_rule = "code"  # 'code': the released code's rule; 'paper': the paper's
     c.keep_searching = False  # record masks to the last epoch (paper Fig. 3)
+    # Cutting the ticket and retraining it (PAPER.md §6).
+    c.retrain = "inherit"  # 'inherit' (EB Train FF), 'reinit' (fresh init), 'rewind' (init)
+    c.min_channels = 1  # no layer ends empty: its largest-|scale| channels stay
+    c.round_to = 0  # round kept counts up to a multiple (8 GPU, 128 TPU); 0: off
+    c.prune_residual = False  # ResNet-18/50: prune the residual widths too
     c.conv_impl = "auto"  # 'auto' (fast path picked per backend), 'xla' or 'patches'
     c.cpu_xla_flags = True  # XLA's Eigen convolution on CPU (eb_jax.platform)
     c.log_every_steps = 100  # progress lines within an epoch
@@ -74,6 +80,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     for ratio in (config.prune_ratio, *config.monitor_ratios):
         if not 0 <= ratio < 1:
             raise ConfigError(f"prune ratio {ratio} must be in [0, 1), e.g. 0.5")
+    if config.retrain not in RETRAIN_MODES:
+        raise ConfigError(f"retrain={config.retrain!r} must be one of {RETRAIN_MODES}")
+    if config.min_channels < 1 or config.round_to < 0:
+        raise ConfigError("min_channels must be >= 1 and round_to >= 0")
     try:
         EarlyBirdDetector(config.eb_window, config.eb_eps, config.eb_rule)
     except ValueError as e:

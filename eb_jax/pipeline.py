@@ -1,8 +1,10 @@
 """The training run as a readable sequence of stages, checkpointed so a killed run resumes.
 
-method 'dense': train for num_epochs. method 'eb': the Early-Bird search, drawing masks
-from the BN scales before every epoch until the ticket for `prune_ratio` emerges
-(or, with keep_searching, to the end, recording the whole trajectory).
+method 'dense': train for num_epochs. method 'eb' (EB Train): the Early-Bird search,
+drawing masks from the BN scales before every epoch until the ticket for `prune_ratio`
+emerges (or, with keep_searching, to the end, recording the whole trajectory); then the
+ticket is cut out (surgery) and retrained to the end of the schedule with a fresh
+optimizer, its weights inherited, re-initialised or rewound to initialisation.
 """
 
 from __future__ import annotations
@@ -11,14 +13,18 @@ import os
 
 import flax
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from eb_jax import data as data_lib
 from eb_jax import report, train
-from eb_jax.checkpoint import Checkpointer, check_config_matches
+from eb_jax.checkpoint import Checkpointer, check_config_matches, load_model
 from eb_jax.config import ConfigError, validate
 from eb_jax.models import bn_scales, create_model, widths_from_json
 from eb_jax.ticket import EarlyBirdDetector
+from eb_jax.ticket.export import save_ticket
 from eb_jax.ticket.search import TicketSearch
+from eb_jax.ticket.surgery import apply_cut, plan_cut
 from eb_jax.trainer import Trainer
 
 logger = report.logger
@@ -33,20 +39,76 @@ def run(config, workdir: str) -> dict:
     data = data_lib.open_dataset(config.dataset, config.data_dir or None)
     _new_model(config, data.num_classes)  # an unknown model fails before the workdir is touched
     checkpointer = Checkpointer(workdir, config.checkpoints_to_keep, config.async_checkpoints)
+    trainer = None
     try:
         model, state, search, meta = _start_or_resume(config, data, checkpointer, workdir)
-        trainer = Trainer(config, data, model, workdir, state, checkpointer, search, meta)
-        try:
-            if config.method == "dense":
-                for epoch in range(trainer.epoch, config.num_epochs):
-                    trainer.train_epoch(epoch)
-            else:
-                search_ticket(config, trainer, search, workdir)
-        finally:
+        stage = meta["stage"] if meta else ("search" if search else "dense")
+        extra = {"retrain_from_step": meta["retrain_from_step"]} if stage == "retrain" else {}
+        trainer = Trainer(config, data, model, workdir, state, checkpointer, search, meta,
+                          stage=stage, extra_meta=extra)  # fmt: skip
+        if stage == "search":
+            if meta is None and config.retrain == "rewind":
+                save_ticket(os.path.join(workdir, "init"), config.model, model,
+                            {"params": state.params, "batch_stats": state.batch_stats},
+                            data.num_classes, data.spec.image_shape)  # fmt: skip
+            search_ticket(config, trainer, search, workdir)
             trainer.writer.close()
+            trainer = _cut_for_retraining(config, data, trainer, search, checkpointer, workdir)
+        for epoch in range(trainer.epoch, config.num_epochs):
+            trainer.train_epoch(epoch)
     finally:
+        if trainer is not None:
+            trainer.writer.close()
         checkpointer.close()
     return trainer.last_metrics
+
+
+def _cut_for_retraining(config, data, trainer, search, checkpointer, workdir) -> Trainer:
+    """Cuts the ticket out of the searched network; a Trainer for the rest of the schedule."""
+    ticket = search.ticket
+    dense = jax.tree.map(lambda x: np.asarray(x[0]), trainer.state)
+    dense_variables = {"params": dense.params, "batch_stats": dense.batch_stats}
+    try:
+        plan = plan_cut(trainer.model, dense.params, ticket.masks, min_channels=config.min_channels,
+                        round_to=config.round_to, prune_residual=config.prune_residual)  # fmt: skip
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if config.retrain == "rewind":
+        initial, _ = _load_init(workdir)
+        narrow, variables = apply_cut(trainer.model, initial, plan)
+    else:
+        narrow, variables = apply_cut(trainer.model, dense_variables, plan)
+        if config.retrain == "reinit":
+            variables = train.init_variables(narrow, jax.random.key(config.seed + 1),
+                                             data.spec.image_shape)  # fmt: skip
+    offset = ticket.epoch * trainer.steps_per_epoch
+    tx = train.create_optimizer(config, trainer.steps_per_epoch, start_step=offset)
+    state = train.TrainState.create(apply_fn=narrow.apply, params=variables["params"],
+                                    batch_stats=variables["batch_stats"], tx=tx)  # fmt: skip
+    state = state.replace(step=offset)  # the schedule and the data order go on from here
+    n_dense = sum(np.size(x) for x in jax.tree.leaves(dense.params))
+    n_ticket = sum(np.size(x) for x in jax.tree.leaves(variables["params"]))
+    logger.info(
+        "cut the p=%g ticket of epoch %d: %d -> %d parameters (%.2fx smaller); retraining "
+        "(%s) from epoch %d to %d%s%s",
+        ticket.ratio, ticket.epoch, n_dense, n_ticket, n_dense / n_ticket, config.retrain,
+        ticket.epoch + 1, config.num_epochs,
+        f"; min_channels kept alive: {', '.join(plan.rescued)}" if plan.rescued else "",
+        f"; rounded up to x{config.round_to}: {len(plan.rounded)} layers" if plan.rounded else "",
+    )  # fmt: skip
+    return Trainer(config, data, narrow, workdir, state, checkpointer, search, None,
+                   stage="retrain", extra_meta={"retrain_from_step": offset})  # fmt: skip
+
+
+def _load_init(workdir: str):
+    path = os.path.join(workdir, "init")
+    if not os.path.isdir(path):
+        raise ConfigError(
+            f"retrain='rewind' needs the weights at initialisation, saved in {path} when the "
+            "search starts; this run began without it: use retrain='inherit' or 'reinit'"
+        )
+    _, variables, _ = load_model(path)
+    return variables, path
 
 
 def _new_model(config, num_classes: int, widths: dict | None = None):
@@ -56,11 +118,12 @@ def _new_model(config, num_classes: int, widths: dict | None = None):
         raise ConfigError(str(e)) from None
 
 
-def _new_search(config, model, params) -> TicketSearch | None:
+def _new_search(config, model, input_shape) -> TicketSearch | None:
     if config.method != "eb":
         return None
     detector = EarlyBirdDetector(config.eb_window, config.eb_eps, config.eb_rule)
-    sizes = [s.shape[0] for s in bn_scales(model, params)]
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))
+    sizes = [s.shape[0] for s in bn_scales(model, shapes["params"])]
     return TicketSearch(config.monitor_ratios, config.prune_ratio, detector, sizes)
 
 
@@ -72,31 +135,30 @@ def _start_or_resume(config, data, checkpointer, workdir):
         raise ConfigError(
             f"batch_size={config.batch_size} exceeds the {len(data.train)} training examples"
         )
-    tx = train.create_optimizer(config, steps_per_epoch)
+    shape = data.spec.image_shape
+    search = _new_search(config, _new_model(config, data.num_classes), shape)
 
-    def fresh(widths=None):
+    def fresh(widths=None, start_step=0):
         model = _new_model(config, data.num_classes, widths)
-        state = train.create_train_state(
-            model, jax.random.key(config.seed), data.spec.image_shape, tx
-        )
-        return model, state, _new_search(config, model, state.params)
+        tx = train.create_optimizer(config, steps_per_epoch, start_step=start_step)
+        state = train.create_train_state(model, jax.random.key(config.seed), shape, tx)
+        return model, state.replace(step=start_step)
 
     built = {}
 
     def target_for(meta):
         check_config_matches(config, meta, workdir)
-        built["parts"] = fresh(widths_from_json(meta["widths"]))
-        _, state, search = built["parts"]
-        target = {"train": flax.serialization.to_state_dict(state)}
+        built["parts"] = fresh(widths_from_json(meta["widths"]), meta.get("retrain_from_step", 0))
+        target = {"train": flax.serialization.to_state_dict(built["parts"][1])}
         if search is not None and meta.get("search"):
             target["search"] = search.arrays_like(len(meta["search"]["epochs"]))
         return target
 
     restored = checkpointer.restore(target_for)
     if restored is None:
-        return (*fresh(), None)
+        return (*fresh(), search, None)
     step, arrays, meta = restored
-    model, state, search = built["parts"]
+    model, state = built["parts"]
     state = flax.serialization.from_state_dict(state, arrays["train"])
     if search is not None and meta.get("search"):
         search.load_state_dict(arrays["search"], meta["search"])

@@ -51,11 +51,19 @@ def add_bn_sparsity(strength: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
-    """SGD with PyTorch semantics: g += s*sign(bn scale); g += wd*p; buf = m*buf + g."""
+def create_optimizer(
+    config, steps_per_epoch: int, start_step: int = 0
+) -> optax.GradientTransformation:
+    """SGD with PyTorch semantics: g += s*sign(bn scale); g += wd*p; buf = m*buf + g.
+
+    `start_step`: a fresh optimizer whose LR schedule goes on from that step (retraining).
+    """
     schedule = lr_schedule(
         config.learning_rate, config.lr_boundaries, config.lr_decay, steps_per_epoch
     )
+    if start_step:
+        base = schedule
+        schedule = lambda count: base(count + start_step)  # noqa: E731
     parts = []
     if config.sparsity:
         parts.append(add_bn_sparsity(config.sparsity))

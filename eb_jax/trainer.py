@@ -30,8 +30,9 @@ class Trainer:
     """
 
     def __init__(self, config, data, model, workdir, state, checkpointer=None, search=None,
-                 meta=None):  # fmt: skip
+                 meta=None, stage: str = "dense", extra_meta: dict | None = None):  # fmt: skip
         self.config, self.data, self.model = config, data, model
+        self.stage, self.extra_meta = stage, extra_meta or {}
         self.checkpointer, self.search = checkpointer, search
         self.steps_per_epoch = data_lib.input_pipeline.steps_per_epoch(data, config.batch_size)
         self.state = parallel.replicate(state)
@@ -116,10 +117,6 @@ class Trainer:
         self.save(stage=self.stage)
         return metrics
 
-    @property
-    def stage(self) -> str:
-        return "search" if self.search is not None else "dense"
-
     def evaluate(self) -> dict:
         """Loss and accuracy over the whole eval split."""
         sums = None
@@ -148,6 +145,7 @@ class Trainer:
             "epoch": self.epoch,
             "epoch_sums": _host(self.sums) if self.sums else None,
             "config": config_record(self.config),
+            **self.extra_meta,
         }
         if self.search is not None:
             arrays["search"], meta["search"] = self.search.state_dict()

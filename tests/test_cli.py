@@ -23,8 +23,8 @@ def _records(workdir):
     return [json.loads(line) for line in lines]
 
 
-def test_quickstart_draws_its_early_bird_ticket_early(tmp_path, data_dir):
-    """No --config: the offline quickstart, on the 2 forced CPU devices."""
+def test_quickstart_runs_eb_train_end_to_end(tmp_path, data_dir):
+    """No --config: the offline quickstart (search, cut, retrain) on 2 forced CPU devices."""
     workdir = tmp_path / "run"
     result = _main("--workdir", str(workdir), data_dir=data_dir)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -32,16 +32,19 @@ def test_quickstart_draws_its_early_bird_ticket_early(tmp_path, data_dir):
     ticket = json.loads((workdir / "ticket.json").read_text())
     assert ticket["ratio"] == 0.5 and ticket["emerged"] and 5 <= ticket["epoch"] <= 10
     assert f"early-bird ticket for p=0.5 emerged after {ticket['epoch']} epochs" in out
-    history = out.split("p=0.5 mask distance to the previous epoch: ")[1].split()
+    history = out.split("p=0.5 mask distance to the previous epoch: ")[1].splitlines()[0].split()
     assert len(history) == ticket["epoch"]
     assert 0.45 < float(history[0]) <= 0.5  # the epoch-0 mask is all zeros
+    assert f"cut the p=0.5 ticket of epoch {ticket['epoch']}: 288170 -> " in out
+    assert f"retraining (inherit) from epoch {ticket['epoch'] + 1} to 20" in out
     epochs = [line for line in out.splitlines() if line.startswith("epoch")]
-    assert len(epochs) == ticket["epoch"] and "img/s" in epochs[-1] and "ETA" in epochs[-1]
+    assert len(epochs) == 20 and "img/s" in epochs[-1] and "ETA" in epochs[-1]
     assert [len(m) for m in ticket["masks"]] == [32, 32, 64, 64, 128, 128]
     assert sum(ticket["kept"]) == sum(m.count("1") for m in ticket["masks"]) < 448 / 2
     metrics = [r for r in _records(workdir) if "epoch" in r]
-    assert [r["epoch"] for r in metrics] == list(range(1, ticket["epoch"] + 1))
+    assert [r["epoch"] for r in metrics] == list(range(1, 21))
     assert metrics[-1]["test_accuracy"] >= 0.90
+    assert metrics[-1]["learning_rate"] == pytest.approx(0.001)
     distances = [r for r in _records(workdir) if "eb/p0.5/distance_to_previous" in r]
     assert len(distances) == ticket["epoch"]
     assert (workdir / "mask_distance.png").stat().st_size > 10_000
@@ -73,6 +76,7 @@ def test_dense_method_trains_every_epoch(tmp_path, data_dir):
     (["--config.monitor_ratios=(0.3,-0.1)"], "prune ratio -0.1 must be in [0, 1)"),
     (["--config.eb_window=1"], "early-bird window must be >= 2"),
     (["--config.method=magic"], "method='magic' must be one of"),
+    (["--config.retrain=later"], "retrain='later' must be one of"),
     (["stray"], "unexpected arguments: stray"),
 ])  # fmt: skip
 def test_bad_input_is_a_one_line_error(args, message, tmp_path, data_dir):

@@ -3,8 +3,10 @@
 import json
 
 import numpy as np
+import pytest
 
 from eb_jax import pipeline
+from eb_jax.checkpoint import load_model
 from eb_jax.config import default_config
 from eb_jax.ticket.search import Ticket
 
@@ -44,3 +46,32 @@ def test_no_emergence_takes_the_last_mask(tmp_path, data_dir):
     assert ticket["ratio"] == 0.4 and not ticket["emerged"] and ticket["epoch"] == 2
     with np.load(tmp_path / "masks.npz") as masks:
         assert set(masks.files) == {"epochs", "p0.3", "p0.4", "p0.5", "p0.7"}
+
+
+@pytest.mark.parametrize("mode", ["inherit", "reinit", "rewind"])
+def test_eb_train_cuts_the_ticket_and_retrains_it(tmp_path, data_dir, mode, caplog):
+    config = _config(data_dir, eb_window=2, eb_eps=0.5, retrain=mode, num_epochs=3)
+    with caplog.at_level("INFO", logger="eb_jax"):
+        metrics = pipeline.run(config, str(tmp_path))
+    ticket = json.loads((tmp_path / "ticket.json").read_text())
+    assert ticket["epoch"] < 3 and metrics["epoch"] == 3
+    model, variables, meta = load_model(str(tmp_path))
+    assert meta["stage"] == "retrain"
+    assert [c for c in model.cfg if c != "M"] == ticket["kept"]  # the cut widths
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert f"retraining ({mode}) from epoch {ticket['epoch'] + 1} to 3" in messages
+    assert (tmp_path / "init").exists() == (mode == "rewind")
+
+
+def test_a_run_resumes_in_the_retrain_stage(tmp_path, data_dir, caplog):
+    config = _config(data_dir, eb_window=2, eb_eps=0.5, num_epochs=3)
+    pipeline.run(config, str(tmp_path))
+    config.num_epochs = 4  # extend the schedule: the run goes on from its checkpoint
+    with caplog.at_level("INFO", logger="eb_jax"):
+        metrics = pipeline.run(config, str(tmp_path))
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("resuming" in m and "stage retrain" in m for m in messages)
+    assert not any("cut the" in m for m in messages)  # the ticket is not cut twice
+    assert metrics["epoch"] == 4
+    model, _, meta = load_model(str(tmp_path))
+    assert meta["stage"] == "retrain" and model.cfg != (8, "M", 16, 16)

@@ -90,6 +90,16 @@ def _im2col(x, k: int, stride: int, pad: int):
     return jnp.concatenate(taps, axis=-1)
 
 
+def pooled_torch_linear(x, num_classes: int, name: str = "fc"):
+    """Global average pool, then a Linear head with PyTorch's default init.
+
+    Call inside a parent's compact method (the Dense becomes its submodule `name`).
+    """
+    x = jnp.mean(x, axis=(1, 2))
+    init = torch_linear_init(x.shape[-1])
+    return nn.Dense(num_classes, kernel_init=init, bias_init=init, name=name)(x)
+
+
 def batch_norm(train: bool, scale_init: float, name: str | None = None) -> nn.BatchNorm:
     """BatchNorm with PyTorch's defaults: momentum 0.1 (Flax 0.9), epsilon 1e-5.
 

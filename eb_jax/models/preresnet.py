@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from eb_jax.models.layers import Conv, batch_norm, torch_linear_init
+from eb_jax.models.layers import Conv, batch_norm, pooled_torch_linear
 
 EXPANSION = 4
 STAGE_PLANES = (16, 32, 64)
@@ -91,11 +91,4 @@ class PreResNet(nn.Module):
             x = out + x
         x = batch_norm(train, self.bn_scale_init, name="bn_final")(x)
         x = nn.relu(_select(x, selections[-1]))
-        x = jnp.mean(x, axis=(1, 2))
-        fan_in = x.shape[-1]
-        return nn.Dense(
-            self.num_classes,
-            kernel_init=torch_linear_init(fan_in),
-            bias_init=torch_linear_init(fan_in),
-            name="fc",
-        )(x)
+        return pooled_torch_linear(x, self.num_classes)

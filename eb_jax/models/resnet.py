@@ -9,9 +9,8 @@ widths of every block, so a pruned ResNet is the same class with smaller numbers
 from __future__ import annotations
 
 import flax.linen as nn
-import jax.numpy as jnp
 
-from eb_jax.models.layers import Conv, batch_norm, torch_linear_init
+from eb_jax.models.layers import Conv, batch_norm, pooled_torch_linear
 
 BLOCK_KINDS = ("basic", "bottleneck")
 
@@ -103,11 +102,4 @@ class ResNet(nn.Module):
                     x = batch_norm(train, scale0, name=f"{name}_down_bn")(x)
                 x = nn.relu(out + x)
                 i += 1
-        x = jnp.mean(x, axis=(1, 2))
-        fan_in = x.shape[-1]
-        return nn.Dense(
-            self.num_classes,
-            kernel_init=torch_linear_init(fan_in),
-            bias_init=torch_linear_init(fan_in),
-            name="fc",
-        )(x)
+        return pooled_torch_linear(x, self.num_classes)

@@ -18,8 +18,6 @@ import numpy as np
 from eb_jax.models import bn_scales, get_path
 from eb_jax.ticket.groups import Group, channel_groups, current_selection, narrow_widths
 
-RETRAIN_MODES = ("inherit", "reinit", "rewind")
-
 
 @dataclasses.dataclass
 class CutPlan:
