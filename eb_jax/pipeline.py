@@ -47,8 +47,11 @@ def run(config, workdir: str) -> dict:
         trainer = Trainer(config, data, model, workdir, state, checkpointer, search, meta,
                           stage=stage, extra_meta=extra)  # fmt: skip
         if stage == "search":
-            if meta is None and config.retrain == "rewind":
-                save_ticket(os.path.join(workdir, "init"), config.model, model,
+            init_dir = os.path.join(workdir, "init")
+            # Kept for 'rewind'; a run killed before its first checkpoint has it already
+            # (the same seed gives the same initialisation).
+            if config.retrain == "rewind" and not os.path.isdir(init_dir):
+                save_ticket(init_dir, config.model, model,
                             {"params": state.params, "batch_stats": state.batch_stats},
                             data.num_classes, data.spec.image_shape)  # fmt: skip
             search_ticket(config, trainer, search, workdir)
