@@ -62,7 +62,9 @@ def main(argv) -> int:
     config = _CONFIG[0].value
     platform.set_cpu_xla_flags(config.cpu_xla_flags)  # before JAX starts its backend
     report.setup_logging()
-    workdir = _WORKDIR.value or pipeline.default_workdir(flags.FLAGS["config"].value_path)
+    workdir = _WORKDIR.value or pipeline.default_workdir(
+        config_flags.get_config_filename(flags.FLAGS["config"])
+    )
     try:
         pipeline.run(config, workdir)
     except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:

@@ -86,3 +86,17 @@ def test_bad_input_is_a_one_line_error(args, message, tmp_path, data_dir):
     assert len(errors) == 1 and errors[0].startswith("eb_jax: error: "), result.stderr[-2000:]
     assert message in errors[0]
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_defaults_work_without_workdir_from_any_directory(tmp_path):
+    """No --config and no --workdir, run from elsewhere: the quickstart config is found and
+    the default workdir computed (the run then stops at the bad dataset)."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    cmd = [sys.executable, "-m", "eb_jax.main", "--config.dataset=mnist"]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == (
+        "eb_jax: error: unknown dataset 'mnist'; choose one of: digits, cifar10, cifar100, "
+        "imagenet2012"
+    )
