@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 AXIS = "batch"
@@ -61,7 +60,3 @@ def sync_batch_stats(state):
 def must_wait_each_step() -> bool:
     """Forced CPU devices can deadlock in collectives with several steps in flight."""
     return jax.default_backend() == "cpu" and jax.local_device_count() > 1
-
-
-def to_float(metrics_sum):
-    return {k: float(jnp.asarray(v)) for k, v in metrics_sum.items()}
