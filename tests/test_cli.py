@@ -77,6 +77,8 @@ def test_dense_method_trains_every_epoch(tmp_path, data_dir):
     (["--config.eb_window=1"], "early-bird window must be >= 2"),
     (["--config.method=magic"], "method='magic' must be one of"),
     (["--config.retrain=later"], "retrain='later' must be one of"),
+    (["--config.min_channels=0"], "min_channels must be >= 1 and round_to >= 0"),
+    (["--config.checkpoints_to_keep=0"], "checkpoints_to_keep must be >= 1"),
     (["stray"], "unexpected arguments: stray"),
 ])  # fmt: skip
 def test_bad_input_is_a_one_line_error(args, message, tmp_path, data_dir):
