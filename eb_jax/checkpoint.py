@@ -54,7 +54,7 @@ def check_config_matches(config, meta: dict, workdir: str) -> None:
 
 
 class Checkpointer:
-    """Saves every `every_steps` steps (and when asked) to WORKDIR/checkpoints, keeps `keep`."""
+    """Saves steps to WORKDIR/checkpoints when asked, keeping the newest `keep`."""
 
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
@@ -85,7 +85,7 @@ class Checkpointer:
     def read_meta(self, step: int) -> dict:
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         if not restored.meta:
-            raise CheckpointError("its JSON record is missing")
+            raise ValueError("its JSON record is missing")
         return restored.meta
 
     def restore(self, target_for: Callable[[dict], object]):
@@ -101,10 +101,8 @@ class Checkpointer:
                 restore = ocp.args.StandardRestore(target)
                 restored = self._manager.restore(step, args=ocp.args.Composite(arrays=restore))
                 return step, restored.arrays, meta
-            except CheckpointError as e:
-                if "different config" in str(e):
-                    raise
-                self._set_aside(step, str(e))
+            except CheckpointError:  # a usable checkpoint that this run must not take
+                raise
             except Exception as e:  # orbax/tensorstore raise many types for damaged files
                 detail = " ".join(str(e).split()).split(" See full")[0][:160]
                 self._set_aside(step, f"{type(e).__name__}: {detail}")

@@ -21,7 +21,7 @@ from eb_jax import report, train
 from eb_jax.checkpoint import Checkpointer, check_config_matches, load_model
 from eb_jax.config import ConfigError, validate
 from eb_jax.models import bn_scales, create_model, widths_from_json
-from eb_jax.ticket import EarlyBirdDetector
+from eb_jax.ticket import EarlyBirdDetector, mask_distance
 from eb_jax.ticket.export import save_ticket
 from eb_jax.ticket.search import TicketSearch
 from eb_jax.ticket.surgery import apply_cut, plan_cut
@@ -77,8 +77,7 @@ def _cut_for_retraining(config, data, trainer, search, checkpointer, workdir) ->
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if config.retrain == "rewind":
-        initial, _ = _load_init(workdir)
-        narrow, variables = apply_cut(trainer.model, initial, plan)
+        narrow, variables = apply_cut(trainer.model, _load_init(workdir), plan)
     else:
         narrow, variables = apply_cut(trainer.model, dense_variables, plan)
         if config.retrain == "reinit":
@@ -103,15 +102,15 @@ def _cut_for_retraining(config, data, trainer, search, checkpointer, workdir) ->
                    stage="retrain", extra_meta={"retrain_from_step": offset})  # fmt: skip
 
 
-def _load_init(workdir: str):
+def _load_init(workdir: str) -> dict:
+    """The variables at initialisation that a 'rewind' run saved when its search began."""
     path = os.path.join(workdir, "init")
     if not os.path.isdir(path):
         raise ConfigError(
             f"retrain='rewind' needs the weights at initialisation, saved in {path} when the "
             "search starts; this run began without it: use retrain='inherit' or 'reinit'"
         )
-    _, variables, _ = load_model(path)
-    return variables, path
+    return load_model(path)[1]
 
 
 def _new_model(config, num_classes: int, widths: dict | None = None):
@@ -204,8 +203,9 @@ def search_ticket(config, trainer: Trainer, search: TicketSearch, workdir: str):
 def _log_search(trainer: Trainer, search: TicketSearch, epoch: int, result: dict) -> None:
     scalars = {}
     for ratio, (distances, emerged) in result.items():
-        if len(search.history[ratio]) > 1:
-            scalars[f"eb/p{ratio:g}/distance_to_previous"] = search.consecutive_distances(ratio)[-1]
+        history = search.history[ratio]
+        if len(history) > 1:
+            scalars[f"eb/p{ratio:g}/distance_to_previous"] = mask_distance(*history[-2:])
         if len(distances):
             scalars[f"eb/p{ratio:g}/max_window_distance"] = float(max(distances))
         if emerged and search.detected[ratio] == epoch:

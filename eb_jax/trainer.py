@@ -85,7 +85,7 @@ class Trainer:
                 self._log_progress(epoch, done, first, epoch_start)
             every = config.checkpoint_every_steps
             if every and self.step % every == 0 and done < self.steps_per_epoch:
-                self.save(stage=self.stage)
+                self.save()
         train_time = time.perf_counter() - epoch_start
         self._check_finite()
         self.state = parallel.sync_batch_stats(self.state)
@@ -114,7 +114,7 @@ class Trainer:
             metrics["images_per_sec"], report.format_duration(eta),
         )  # fmt: skip
         self.last_metrics = metrics
-        self.save(stage=self.stage)
+        self.save()
         return metrics
 
     def evaluate(self) -> dict:
@@ -127,8 +127,8 @@ class Trainer:
             sums = _accumulate(sums, metrics)
         return _rates(sums)
 
-    def save(self, stage: str) -> None:
-        """Checkpoints the state, the search and the position (once per step)."""
+    def save(self) -> None:
+        """Checkpoints the state, the search, the stage and the position (once per step)."""
         if self.checkpointer is None or self.last_saved == self.step:
             return
         self._check_finite()
@@ -140,7 +140,7 @@ class Trainer:
             "num_classes": self.data.num_classes,
             "input_shape": list(self.data.spec.image_shape),
             "widths": model_widths(self.model),
-            "stage": stage,
+            "stage": self.stage,
             "step": self.step,
             "epoch": self.epoch,
             "epoch_sums": _host(self.sums) if self.sums else None,

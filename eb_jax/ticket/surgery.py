@@ -15,7 +15,7 @@ import math
 import jax
 import numpy as np
 
-from eb_jax.models import bn_scales, get_path
+from eb_jax.models import bn_scales
 from eb_jax.ticket.groups import Group, channel_groups, current_selection, narrow_widths
 
 
@@ -71,12 +71,12 @@ def plan_cut(model, params, masks, *, min_channels: int = 1, round_to: int = 0,
 
 def apply_cut(model, variables: dict, plan: CutPlan):
     """(narrow model, its variables): `variables` of the dense `model` sliced by `plan`."""
+    # tree.map builds new dicts, so the slicing below leaves `variables` untouched.
     params = jax.tree.map(np.asarray, dict(variables["params"]))
     stats = jax.tree.map(np.asarray, dict(variables.get("batch_stats", {})))
-    params, stats = _copy_tree(params), _copy_tree(stats)
     for group in plan.groups:
         kept = plan.kept[group.key]
-        width = get_path(params, (group.bns[0],))["scale"].shape[0]
+        width = params[group.bns[0]]["scale"].shape[0]
         positions = np.searchsorted(current_selection(model, group, width), kept)
         if not group.select:
             for bn in group.bns:
@@ -94,10 +94,6 @@ def cut_ticket(model, variables, masks, **plan_options):
     plan = plan_cut(model, variables["params"], masks, **plan_options)
     narrow, narrow_variables = apply_cut(model, variables, plan)
     return narrow, narrow_variables, plan
-
-
-def _copy_tree(tree):
-    return {k: _copy_tree(v) if isinstance(v, dict) else v for k, v in tree.items()}
 
 
 def _check_masks(model, names, scales, masks) -> None:
