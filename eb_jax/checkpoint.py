@@ -25,8 +25,8 @@ logger = logging.getLogger("eb_jax")
 RESUME_FIELDS = (
     "model", "dataset", "batch_size", "learning_rate", "lr_boundaries", "lr_decay",
     "momentum", "weight_decay", "sparsity", "seed", "method", "prune_ratio",
-    "monitor_ratios", "eb_window", "eb_eps", "eb_rule", "retrain", "min_channels",
-    "round_to", "prune_residual",
+    "monitor_ratios", "eb_window", "eb_eps", "eb_rule", "keep_searching", "ticket_epoch",
+    "retrain", "min_channels", "round_to", "prune_residual",
 )  # fmt: skip
 
 

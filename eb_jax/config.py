@@ -9,7 +9,7 @@ import ml_collections
 
 from eb_jax.ticket import EarlyBirdDetector
 
-METHODS = ("eb", "dense")
+METHODS = ("eb", "ns", "lt", "dense")
 RETRAIN_MODES = ("inherit", "reinit", "rewind")
 
 
@@ -31,18 +31,26 @@ def default_config() -> ml_collections.ConfigDict:
     c.lr_decay = 0.1
     c.momentum = 0.9  # PyTorch SGD semantics, no Nesterov
     c.weight_decay = 1e-4  # on all parameters, BN included, as in the original
-    c.sparsity = 1e-4  # s: s*sign(scale) added to every BN scale gradient; 0 disables
+    c.sparsity = 1e-4  # s: s*sign(scale) added to every BN scale gradient while the
+    # ticket is searched for (not in 'dense' training or retraining); 0 disables
     c.seed = 0
-    # Early-Bird search (PAPER.md §2-3).
-    c.method = "eb"  # 'eb': search until the ticket emerges; 'dense': plain training
+    # The method (PAPER.md §1, §6). 'eb': EB Train, search until the ticket emerges, cut,
+    # retrain to num_epochs. 'ns': network slimming, search all num_epochs, cut, fine-tune
+    # (inherit) for another num_epochs. 'lt': one-shot structured lottery ticket, the same
+    # with the ticket rewound to initialisation. 'dense': standard training, no pruning.
+    c.method = "eb"
     c.prune_ratio = 0.5  # p: the fraction of BN channels the ticket prunes
     c.monitor_ratios = (0.3, 0.5, 0.7)  # detectors run side by side (prune_ratio added)
     c.eb_window = 5  # masks (code rule) or consecutive distances (paper rule) compared
     c.eb_eps = 0.1  # emerged when the distances are <= eps (code) / < eps (paper)
     c.eb_rule = "code"  # 'code': the released code's rule; 'paper': the paper's
-    c.keep_searching = False  # record masks to the last epoch (paper Fig. 3)
+    c.keep_searching = False  # 'eb': search to num_epochs recording every mask (paper
+    # Fig. 3), then stop without cutting
+    c.ticket_epoch = 0  # 'eb': draw the ticket after this many epochs (Fig. 1); 0: detect
     # Cutting the ticket and retraining it (PAPER.md §6).
-    c.retrain = "inherit"  # 'inherit' (EB Train FF), 'reinit' (fresh init), 'rewind' (init)
+    # 'eb' only ('ns' inherits, 'lt' rewinds): 'inherit' (EB Train FF), 'reinit' (fresh
+    # init) or 'rewind' (kept channels at initialisation)
+    c.retrain = "inherit"
     c.min_channels = 1  # no layer ends empty: its largest-|scale| channels stay
     c.round_to = 0  # round kept counts up to a multiple (8 GPU, 128 TPU); 0: off
     c.prune_residual = False  # ResNet-18/50: prune the residual widths too
@@ -54,6 +62,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.async_checkpoints = True
     c.num_data_threads = 4
     return c
+
+
+def retrain_mode(config) -> str | None:
+    """How the ticket's weights start retraining; None for a method that cuts nothing."""
+    return {"ns": "inherit", "lt": "rewind", "eb": config.retrain}.get(config.method)
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -80,6 +93,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     for ratio in (config.prune_ratio, *config.monitor_ratios):
         if not 0 <= ratio < 1:
             raise ConfigError(f"prune ratio {ratio} must be in [0, 1), e.g. 0.5")
+    if not 0 <= config.ticket_epoch <= config.num_epochs:
+        raise ConfigError(
+            f"ticket_epoch={config.ticket_epoch} must be in [0, num_epochs={config.num_epochs}] "
+            "(0: detect the ticket)"
+        )
+    for field in ("keep_searching", "ticket_epoch"):
+        if config[field] and config.method != "eb":
+            raise ConfigError(f"{field} applies to method='eb' only, not {config.method!r}")
     if config.retrain not in RETRAIN_MODES:
         raise ConfigError(f"retrain={config.retrain!r} must be one of {RETRAIN_MODES}")
     if config.min_channels < 1 or config.round_to < 0:

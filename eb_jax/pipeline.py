@@ -1,10 +1,16 @@
 """The training run as a readable sequence of stages, checkpointed so a killed run resumes.
 
-method 'dense': train for num_epochs. method 'eb' (EB Train): the Early-Bird search,
-drawing masks from the BN scales before every epoch until the ticket for `prune_ratio`
-emerges (or, with keep_searching, to the end, recording the whole trajectory); then the
-ticket is cut out (surgery) and retrained to the end of the schedule with a fresh
-optimizer, its weights inherited, re-initialised or rewound to initialisation.
+Every method (config.method) is one sequence of the same stages:
+- 'dense': standard training for num_epochs (stage 'dense').
+- 'eb' (EB Train): the Early-Bird search (stage 'search'): dense training with BN-scale
+  sparsity, masks drawn before every epoch until the ticket for `prune_ratio` emerges (or
+  after a fixed `ticket_epoch`); the ticket is cut out (surgery) and retrained (stage
+  'retrain') to num_epochs with a fresh optimizer whose LR schedule goes on, its weights
+  inherited, re-initialised or rewound to initialisation.
+- 'ns' (network slimming) / 'lt' (one-shot structured lottery ticket): the search runs all
+  num_epochs, the ticket is cut, then trained for another num_epochs on a fresh schedule
+  with inherited ('ns') or rewound ('lt') weights.
+At the end the run's cost and result go to WORKDIR/report.json and a printed table.
 """
 
 from __future__ import annotations
@@ -16,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eb_jax import cost, report, train
 from eb_jax import data as data_lib
-from eb_jax import report, train
 from eb_jax.checkpoint import Checkpointer, check_config_matches, load_model
-from eb_jax.config import ConfigError, validate
+from eb_jax.config import ConfigError, retrain_mode, validate
 from eb_jax.models import bn_scales, create_model, widths_from_json
 from eb_jax.ticket import EarlyBirdDetector, mask_distance
 from eb_jax.ticket.export import save_ticket
@@ -33,7 +39,7 @@ logger = report.logger
 def run(config, workdir: str) -> dict:
     """Runs `config.method` on `config.dataset`, resuming from `workdir` if it holds a run.
 
-    Returns the last epoch's metrics.
+    Returns the run's report (report.json): method, ticket, accuracy, cost, wall time.
     """
     validate(config, jax.local_device_count())
     data = data_lib.open_dataset(config.dataset, config.data_dir or None)
@@ -43,32 +49,56 @@ def run(config, workdir: str) -> dict:
     try:
         model, state, search, meta = _start_or_resume(config, data, checkpointer, workdir)
         stage = meta["stage"] if meta else ("search" if search else "dense")
-        extra = {"retrain_from_step": meta["retrain_from_step"]} if stage == "retrain" else {}
-        trainer = Trainer(config, data, model, workdir, state, checkpointer, search, meta,
-                          stage=stage, extra_meta=extra)  # fmt: skip
+        trainer = _trainer(config, data, model, workdir, state, checkpointer, search, meta, stage,
+                           meta.get("retrain_from_step", 0) if meta else 0)  # fmt: skip
         if stage == "search":
             init_dir = os.path.join(workdir, "init")
             # Kept for 'rewind'; a run killed before its first checkpoint has it already
             # (the same seed gives the same initialisation).
-            if config.retrain == "rewind" and not os.path.isdir(init_dir):
+            if retrain_mode(config) == "rewind" and not os.path.isdir(init_dir):
                 save_ticket(init_dir, config.model, model,
                             {"params": state.params, "batch_stats": state.batch_stats},
                             data.num_classes, data.spec.image_shape)  # fmt: skip
             search_ticket(config, trainer, search, workdir)
-            trainer.writer.close()
-            trainer = _cut_for_retraining(config, data, trainer, search, checkpointer, workdir)
-        for epoch in range(trainer.epoch, config.num_epochs):
+            if not config.keep_searching:
+                trainer.writer.close()
+                trainer = _cut_for_retraining(config, data, trainer, search, checkpointer, workdir)
+        for epoch in range(trainer.epoch, trainer.end_epoch):
             trainer.train_epoch(epoch)
+        record = _report(config, data, trainer, search, workdir)
     finally:
         if trainer is not None:
             trainer.writer.close()
         checkpointer.close()
-    return trainer.last_metrics
+    return record
+
+
+def _trainer(config, data, model, workdir, state, checkpointer, search, meta, stage,
+             retrain_from: int, wall_time_s: float = 0.0) -> Trainer:  # fmt: skip
+    """The Trainer for `stage`; a retraining stage starts at step `retrain_from`."""
+    end_epoch, lr_origin = config.num_epochs, 0
+    extra = {}
+    if stage == "retrain":
+        extra["retrain_from_step"] = retrain_from
+        if config.method in ("ns", "lt"):  # a whole second schedule after the full search
+            end_epoch, lr_origin = 2 * config.num_epochs, retrain_from
+    return Trainer(config, data, model, workdir, state, checkpointer, search, meta, stage=stage,
+                   extra_meta=extra, end_epoch=end_epoch, lr_origin=lr_origin,
+                   wall_time_s=wall_time_s)  # fmt: skip
+
+
+def _optimizer(config, steps_per_epoch: int, stage: str, start_step: int):
+    """Sparsity only while searching; a retraining 'ns'/'lt' schedule starts afresh."""
+    if stage == "retrain" and config.method in ("ns", "lt"):
+        start_step = 0
+    sparsity = config.sparsity if stage == "search" else 0.0
+    return train.create_optimizer(config, steps_per_epoch, start_step, sparsity)
 
 
 def _cut_for_retraining(config, data, trainer, search, checkpointer, workdir) -> Trainer:
-    """Cuts the ticket out of the searched network; a Trainer for the rest of the schedule."""
+    """Cuts the ticket out of the searched network; a Trainer for the retraining stage."""
     ticket = search.ticket
+    mode = retrain_mode(config)
     dense = jax.tree.map(lambda x: np.asarray(x[0]), trainer.state)
     dense_variables = {"params": dense.params, "batch_stats": dense.batch_stats}
     try:
@@ -76,30 +106,90 @@ def _cut_for_retraining(config, data, trainer, search, checkpointer, workdir) ->
                         round_to=config.round_to, prune_residual=config.prune_residual)  # fmt: skip
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if config.retrain == "rewind":
+    if mode == "rewind":
         narrow, variables = apply_cut(trainer.model, _load_init(workdir), plan)
     else:
         narrow, variables = apply_cut(trainer.model, dense_variables, plan)
-        if config.retrain == "reinit":
+        if mode == "reinit":
             variables = train.init_variables(narrow, jax.random.key(config.seed + 1),
                                              data.spec.image_shape)  # fmt: skip
-    offset = ticket.epoch * trainer.steps_per_epoch
-    tx = train.create_optimizer(config, trainer.steps_per_epoch, start_step=offset)
+    start = ticket.epoch * trainer.steps_per_epoch  # EB: the schedule and data order go on
+    if config.method in ("ns", "lt"):
+        start = trainer.step  # after the whole search
+    tx = _optimizer(config, trainer.steps_per_epoch, "retrain", start)
     state = train.TrainState.create(apply_fn=narrow.apply, params=variables["params"],
                                     batch_stats=variables["batch_stats"], tx=tx)  # fmt: skip
-    state = state.replace(step=offset)  # the schedule and the data order go on from here
+    state = state.replace(step=start)
+    retrainer = _trainer(config, data, narrow, workdir, state, checkpointer, search, None,
+                         "retrain", start, trainer.wall_time())  # fmt: skip
     n_dense = sum(np.size(x) for x in jax.tree.leaves(dense.params))
     n_ticket = sum(np.size(x) for x in jax.tree.leaves(variables["params"]))
     logger.info(
         "cut the p=%g ticket of epoch %d: %d -> %d parameters (%.2fx smaller); retraining "
         "(%s) from epoch %d to %d%s%s",
-        ticket.ratio, ticket.epoch, n_dense, n_ticket, n_dense / n_ticket, config.retrain,
-        ticket.epoch + 1, config.num_epochs,
+        ticket.ratio, ticket.epoch, n_dense, n_ticket, n_dense / n_ticket, mode,
+        retrainer.epoch + 1, retrainer.end_epoch,
         f"; min_channels kept alive: {', '.join(plan.rescued)}" if plan.rescued else "",
         f"; rounded up to x{config.round_to}: {len(plan.rounded)} layers" if plan.rounded else "",
     )  # fmt: skip
-    return Trainer(config, data, narrow, workdir, state, checkpointer, search, None,
-                   stage="retrain", extra_meta={"retrain_from_step": offset})  # fmt: skip
+    return retrainer
+
+
+def _report(config, data, trainer: Trainer, search, workdir: str) -> dict:
+    """What the run cost and what it got (PAPER.md §8); written to report.json."""
+    final = trainer.last_metrics.get("test_accuracy")
+    if final is None:  # nothing left to train (a finished run started again)
+        final = trainer.evaluate()["accuracy"]
+    shape, images = data.spec.image_shape, trainer.steps_per_epoch * config.batch_size
+    dense = cost.forward_cost(_new_model(config, data.num_classes), shape)
+    cut = cost.forward_cost(trainer.model, shape)
+    if search is None:
+        stages = [("dense", config.num_epochs, dense)]
+    else:
+        stages = [("search", search.epochs[-1], dense)]  # masks after e epochs: e trained
+        if trainer.stage == "retrain":
+            first = trainer.extra_meta["retrain_from_step"] // trainer.steps_per_epoch
+            stages.append(("retrain", trainer.end_epoch - first, cut))
+    ticket = search.ticket if search is not None else None  # drawn (not cut if keep_searching)
+    record = {
+        "run": os.path.basename(os.path.normpath(workdir)),
+        "method": config.method,
+        "model": config.model,
+        "dataset": config.dataset,
+        "prune_ratio": config.prune_ratio if ticket else None,
+        "retrain": retrain_mode(config) if trainer.stage == "retrain" else None,
+        "ticket_epoch": ticket.epoch if ticket else None,
+        "ticket_drawn_by": _drawn_by(config, ticket) if ticket else None,
+        "test_accuracy": final,
+        "params": {"dense": dense.params, "final": cut.params},
+        "forward_flops": {"dense": dense.flops, "final": cut.flops},
+        "forward_macs": {"dense": dense.macs, "final": cut.macs},
+        "stages": [
+            {
+                "stage": name,
+                "epochs": epochs,
+                "images_per_epoch": images,
+                "forward_flops": c.flops,
+                "training_pflops": cost.training_flops(c.flops, images, epochs) / 1e15,
+            }
+            for name, epochs, c in stages
+        ],
+        "wall_time_s": trainer.wall_time(),
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+    }
+    record["training_pflops"] = sum(s["training_pflops"] for s in record["stages"])
+    if jax.process_index() == 0:
+        report.write_report(workdir, record)
+    logger.info("\n%s", report.format_table([record]))
+    return record
+
+
+def _drawn_by(config, ticket) -> str:
+    if config.method in ("ns", "lt"):
+        return "full search"
+    if config.ticket_epoch:
+        return "ticket_epoch"
+    return "detector" if ticket.emerged else "no emergence"
 
 
 def _load_init(workdir: str) -> dict:
@@ -121,7 +211,7 @@ def _new_model(config, num_classes: int, widths: dict | None = None):
 
 
 def _new_search(config, model, input_shape) -> TicketSearch | None:
-    if config.method != "eb":
+    if config.method == "dense":
         return None
     detector = EarlyBirdDetector(config.eb_window, config.eb_eps, config.eb_rule)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))
@@ -140,9 +230,9 @@ def _start_or_resume(config, data, checkpointer, workdir):
     shape = data.spec.image_shape
     search = _new_search(config, _new_model(config, data.num_classes), shape)
 
-    def fresh(widths=None, start_step=0):
+    def fresh(stage, widths=None, start_step=0):
         model = _new_model(config, data.num_classes, widths)
-        tx = train.create_optimizer(config, steps_per_epoch, start_step=start_step)
+        tx = _optimizer(config, steps_per_epoch, stage, start_step)
         state = train.create_train_state(model, jax.random.key(config.seed), shape, tx)
         return model, state.replace(step=start_step)
 
@@ -150,7 +240,8 @@ def _start_or_resume(config, data, checkpointer, workdir):
 
     def target_for(meta):
         check_config_matches(config, meta, workdir)
-        built["parts"] = fresh(widths_from_json(meta["widths"]), meta.get("retrain_from_step", 0))
+        built["parts"] = fresh(meta["stage"], widths_from_json(meta["widths"]),
+                               meta.get("retrain_from_step", 0))  # fmt: skip
         target = {"train": flax.serialization.to_state_dict(built["parts"][1])}
         if search is not None and meta.get("search"):
             target["search"] = search.arrays_like(len(meta["search"]["epochs"]))
@@ -158,7 +249,7 @@ def _start_or_resume(config, data, checkpointer, workdir):
 
     restored = checkpointer.restore(target_for)
     if restored is None:
-        return (*fresh(), search, None)
+        return (*fresh("search" if search else "dense"), search, None)
     step, arrays, meta = restored
     model, state = built["parts"]
     state = flax.serialization.from_state_dict(state, arrays["train"])
@@ -172,19 +263,24 @@ def _start_or_resume(config, data, checkpointer, workdir):
 
 
 def search_ticket(config, trainer: Trainer, search: TicketSearch, workdir: str):
-    """Dense training with masks drawn before every epoch until the ticket emerges."""
+    """Dense training with masks drawn before every epoch until the ticket is drawn: when
+    it emerges, or after `ticket_epoch` epochs ('eb'), or after all epochs ('ns', 'lt')."""
+    fixed = config.num_epochs if config.method in ("ns", "lt") else config.ticket_epoch
     epoch = trainer.epoch
     while True:
         if epoch not in search.epochs:
             result = search.observe(epoch, trainer.bn_scales())
             _log_search(trainer, search, epoch, result)
-        done = search.ticket is not None and not config.keep_searching
-        if epoch == config.num_epochs or done:
+        done = epoch == fixed if fixed else search.ticket is not None
+        if epoch == config.num_epochs or (done and not config.keep_searching):
             break
         trainer.train_epoch(epoch)
         epoch += 1
-    if search.ticket is None:
-        ticket = search.take_last_mask()
+    if fixed:
+        ticket = search.take_mask(fixed)
+        logger.info("drew the p=%g ticket after %d epochs", config.prune_ratio, ticket.epoch)
+    elif search.ticket is None:
+        ticket = search.take_mask()
         logger.info(
             "no early-bird ticket for p=%g within %d epochs: taking the mask after epoch %d",
             config.prune_ratio, config.num_epochs, ticket.epoch,

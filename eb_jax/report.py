@@ -1,4 +1,8 @@
-"""Run feedback: progress lines, TensorBoard scalars and a JSON-lines metrics log."""
+"""Run feedback: progress lines, TensorBoard scalars, a JSON-lines metrics log, plots,
+and the run's report (report.json, a Table-2-like table, a cost chart).
+
+    python -m eb_jax.report runs/dense runs/ns runs/eb --plot cost.png
+"""
 
 from __future__ import annotations
 
@@ -91,3 +95,132 @@ def plot_mask_distances(search, path: str) -> None:
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="normalised mask distance")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+# --- The run's report (PAPER.md §8, Table 2): report.json, a table, a cost chart ---
+
+REPORT_FILE = "report.json"
+_COLUMNS = ("run", "method", "p", "ticket", "test acc", "PFLOPs", "vs dense", "wall time",
+            "params")  # fmt: skip
+
+_DRAWN_BY = {"ticket_epoch": " fixed", "no emergence": " none", "full search": " final"}
+
+
+def write_report(workdir: str, record: dict) -> None:
+    """WORKDIR/report.json (written whole or not at all) and WORKDIR/cost.png."""
+    path = os.path.join(workdir, REPORT_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
+    plot_costs([record], os.path.join(workdir, "cost.png"))
+
+
+def read_reports(workdirs) -> list[dict]:
+    """The report.json of each run directory; ValueError names one that has none."""
+    records = []
+    for workdir in workdirs:
+        path = os.path.join(workdir, REPORT_FILE)
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except FileNotFoundError:
+            raise ValueError(
+                f"{workdir} has no {REPORT_FILE}: not a run directory, or the run has not "
+                "finished (run its command again to finish it)"
+            ) from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e})") from None
+        records.append(record)
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    """The runs side by side, like the paper's Table 2. 'ticket': the epoch it was drawn
+    after ('fixed': config.ticket_epoch; 'none': never emerged, last mask; 'final': after
+    the full search of 'ns'/'lt'). 'vs dense': training cost over that of dense training
+    on the same schedule."""
+    rows = [_COLUMNS]
+    for r in records:
+        dense_pflops = r["stages"][0]["training_pflops"] / max(r["stages"][0]["epochs"], 1)
+        dense_run = dense_pflops * _schedule_epochs(r)
+        ticket = "-" if r["ticket_epoch"] is None else str(r["ticket_epoch"])
+        ticket += _DRAWN_BY.get(r["ticket_drawn_by"], "")
+        rows.append((
+            r["run"],
+            r["method"] + (f"/{r['retrain']}" if r["method"] == "eb" and r["retrain"] else ""),
+            "-" if r["prune_ratio"] is None else f"{r['prune_ratio']:g}",
+            ticket,
+            f"{100 * r['test_accuracy']:.2f}%",
+            _format_pflops(r["training_pflops"]),
+            f"{r['training_pflops'] / dense_run:.2f}x" if dense_run else "-",
+            format_duration(r["wall_time_s"]),
+            f"{r['params']['final']:,}",
+        ))  # fmt: skip
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(_COLUMNS))]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]  # fmt: skip
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _schedule_epochs(record: dict) -> int:
+    """num_epochs of the run's schedule: 'ns'/'lt' train two schedules of equal length."""
+    total = sum(s["epochs"] for s in record["stages"])
+    return total // 2 if record["method"] in ("ns", "lt") else total
+
+
+def _format_pflops(pflops: float) -> str:
+    return f"{pflops:.3g}" if pflops >= 1e-3 else f"{pflops:.3e}"
+
+
+def plot_costs(records: list[dict], path: str) -> None:
+    """Training PFLOPs per run, stacked by stage (search / retrain / dense)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"dense": "tab:gray", "search": "tab:blue", "retrain": "tab:orange"}
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(records), 3.8))
+    labels = [f"{r['run']}\n{r['method']}, {100 * r['test_accuracy']:.1f}%" for r in records]
+    seen = set()
+    for i, r in enumerate(records):
+        bottom = 0.0
+        for s in r["stages"]:
+            label = None if s["stage"] in seen else s["stage"]
+            seen.add(s["stage"])
+            ax.bar(i, s["training_pflops"], bottom=bottom, color=colors[s["stage"]], label=label)
+            if s["training_pflops"]:
+                ax.text(i, bottom + s["training_pflops"] / 2, f"{s['epochs']} ep.",
+                        ha="center", va="center", fontsize=8)  # fmt: skip
+            bottom += s["training_pflops"]
+    ax.set_xticks(range(len(records)), labels, fontsize=8)
+    ax.set_ylabel("training cost (PFLOPs)")
+    ax.set_title("training cost by stage (3 x forward x images x epochs)")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    """python -m eb_jax.report DIR... [--plot PATH]: the runs' reports in one table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m eb_jax.report", description=main.__doc__)
+    parser.add_argument("workdirs", nargs="+", metavar="DIR", help="run directories")
+    parser.add_argument("--plot", metavar="PATH", help="also draw the runs' costs to a PNG")
+    args = parser.parse_args(argv)
+    try:
+        records = read_reports(args.workdirs)
+    except ValueError as e:
+        print(f"eb_jax.report: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(records))
+    if args.plot:
+        plot_costs(records, args.plot)
+        print(f"cost chart: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -52,12 +52,14 @@ def add_bn_sparsity(strength: float) -> optax.GradientTransformation:
 
 
 def create_optimizer(
-    config, steps_per_epoch: int, start_step: int = 0
+    config, steps_per_epoch: int, start_step: int = 0, sparsity: float | None = None
 ) -> optax.GradientTransformation:
     """SGD with PyTorch semantics: g += s*sign(bn scale); g += wd*p; buf = m*buf + g.
 
     `start_step`: a fresh optimizer whose LR schedule goes on from that step (retraining).
+    `sparsity`: s, default `config.sparsity` (0 where no ticket is drawn from the scales).
     """
+    sparsity = config.sparsity if sparsity is None else sparsity
     schedule = lr_schedule(
         config.learning_rate, config.lr_boundaries, config.lr_decay, steps_per_epoch
     )
@@ -65,8 +67,8 @@ def create_optimizer(
         base = schedule
         schedule = lambda count: base(count + start_step)  # noqa: E731
     parts = []
-    if config.sparsity:
-        parts.append(add_bn_sparsity(config.sparsity))
+    if sparsity:
+        parts.append(add_bn_sparsity(sparsity))
     if config.weight_decay:
         parts.append(optax.add_decayed_weights(config.weight_decay))
     parts.append(optax.sgd(schedule, momentum=config.momentum or None, nesterov=False))

@@ -30,9 +30,15 @@ class Trainer:
     """
 
     def __init__(self, config, data, model, workdir, state, checkpointer=None, search=None,
-                 meta=None, stage: str = "dense", extra_meta: dict | None = None):  # fmt: skip
+                 meta=None, stage: str = "dense", extra_meta: dict | None = None,
+                 end_epoch: int | None = None, lr_origin: int = 0,
+                 wall_time_s: float = 0.0):  # fmt: skip
+        """`end_epoch`: where this stage ends (default num_epochs); `lr_origin`: the step
+        at which the LR schedule starts; `wall_time_s`: the run's wall time so far."""
         self.config, self.data, self.model = config, data, model
         self.stage, self.extra_meta = stage, extra_meta or {}
+        self.end_epoch = config.num_epochs if end_epoch is None else end_epoch
+        self.lr_origin = lr_origin
         self.checkpointer, self.search = checkpointer, search
         self.steps_per_epoch = data_lib.input_pipeline.steps_per_epoch(data, config.batch_size)
         self.state = parallel.replicate(state)
@@ -44,6 +50,7 @@ class Trainer:
         self.sums = (meta or {}).get("epoch_sums")  # this epoch's train metrics so far
         self.last_saved = self.step if meta else None
         self.start_time, self.start_step, self.last_metrics = time.perf_counter(), self.step, {}
+        self.wall_time_before = (meta or {}).get("wall_time_s", wall_time_s)
         logger.info(
             "%s on %s: %d train / %d test images, %d steps/epoch, %s, workdir %s",
             config.model, config.dataset, len(data.train), len(data.eval),
@@ -54,6 +61,10 @@ class Trainer:
     def epoch(self) -> int:
         """The epoch the next step belongs to."""
         return self.step // self.steps_per_epoch
+
+    def wall_time(self) -> float:
+        """Seconds this run has spent training, over every stage and restart."""
+        return self.wall_time_before + time.perf_counter() - self.start_time
 
     def bn_scales(self) -> list:
         """The BN scale vectors (first device's copy) in module order."""
@@ -92,11 +103,11 @@ class Trainer:
         test = self.evaluate()
         trained = _rates(self.sums)
         elapsed = time.perf_counter() - self.start_time
-        steps_left = config.num_epochs * self.steps_per_epoch - self.step
+        steps_left = self.end_epoch * self.steps_per_epoch - self.step
         eta = elapsed / max(self.step - self.start_step, 1) * steps_left
         lr = train.lr_schedule(
             config.learning_rate, config.lr_boundaries, config.lr_decay, self.steps_per_epoch
-        )(self.step - 1)
+        )(self.step - 1 - self.lr_origin)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": trained["loss"],
@@ -109,7 +120,7 @@ class Trainer:
         self.writer.write_scalars(self.step, metrics)
         logger.info(
             "epoch %3d/%d  loss %.4f  train %.2f%%  test %.2f%%  %.0f img/s  ETA %s",
-            epoch + 1, config.num_epochs, metrics["train_loss"],
+            epoch + 1, self.end_epoch, metrics["train_loss"],
             100 * metrics["train_accuracy"], 100 * metrics["test_accuracy"],
             metrics["images_per_sec"], report.format_duration(eta),
         )  # fmt: skip
@@ -145,6 +156,7 @@ class Trainer:
             "epoch": self.epoch,
             "epoch_sums": _host(self.sums) if self.sums else None,
             "config": config_record(self.config),
+            "wall_time_s": self.wall_time(),
             **self.extra_meta,
         }
         if self.search is not None:
@@ -177,14 +189,16 @@ class Trainer:
 def _accumulate(sums, device_metrics) -> dict:
     """Adds one step's (psum'd, so equal on every device) metrics to the running sums.
 
-    The sums stay on the device (no host sync per step) until `_host` reads them.
+    The sums stay on the devices, one copy each (no host sync, no per-step indexing),
+    until `_host` reads them.
     """
-    metrics = {k: v[0] for k, v in device_metrics.items()}
-    return metrics if sums is None else {k: sums[k] + metrics[k] for k in sums}
+    if sums is None:
+        return dict(device_metrics)
+    return {k: sums[k] + device_metrics[k] for k in sums}
 
 
 def _host(sums: dict) -> dict:
-    return {k: float(np.asarray(v)) for k, v in sums.items()}
+    return {k: float(np.asarray(v).reshape(-1)[0]) for k, v in sums.items()}
 
 
 def _rates(sums: dict) -> dict:

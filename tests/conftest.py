@@ -1,6 +1,7 @@
 """Two forced CPU devices for every test, so pmap code runs multi-device here."""
 
 import os
+import tempfile
 
 # Before JAX starts: 2 CPU devices; a collective that hangs fails in 10 s, not forever.
 os.environ["XLA_FLAGS"] = " ".join(
@@ -10,6 +11,12 @@ os.environ["XLA_FLAGS"] = " ".join(
         "--xla_cpu_collective_call_terminate_timeout_seconds=10",
     ]
 ).strip()
+
+# Compiled programs are cached on disk for the session: runs and subprocesses that
+# compile the same steps (most tests train the same tiny networks) skip recompiling.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="eb_jax_xla_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 

@@ -49,18 +49,15 @@ def test_quickstart_runs_eb_train_end_to_end(tmp_path, data_dir):
     assert len(distances) == ticket["epoch"]
     assert (workdir / "mask_distance.png").stat().st_size > 10_000
     assert glob.glob(str(workdir / "events.out.tfevents.*"))
-
-
-def test_dense_method_trains_every_epoch(tmp_path, data_dir):
-    workdir = tmp_path / "dense"
-    args = ["--workdir", str(workdir), "--config.method=dense", "--config.num_epochs=3",
-            "--config.lr_boundaries=(2,)"]  # fmt: skip
-    result = _main(*args, data_dir=data_dir)
-    assert result.returncode == 0, result.stderr[-2000:]
-    records = _records(workdir)
-    assert [r["epoch"] for r in records] == [1, 2, 3]
-    assert records[-1]["learning_rate"] == pytest.approx(0.01)
-    assert not (workdir / "ticket.json").exists()
+    report = json.loads((workdir / "report.json").read_text())
+    assert report["method"] == "eb" and report["ticket_epoch"] == ticket["epoch"]
+    assert [(s["stage"], s["epochs"]) for s in report["stages"]] == [
+        ("search", ticket["epoch"]), ("retrain", 20 - ticket["epoch"])
+    ]  # fmt: skip
+    assert report["test_accuracy"] == metrics[-1]["test_accuracy"]
+    assert report["params"]["dense"] == 288170 > report["params"]["final"]
+    assert "run  method      p    ticket  test acc  PFLOPs" in out  # the report's table
+    assert (workdir / "cost.png").stat().st_size > 5_000
 
 
 @pytest.mark.parametrize("args,message", [

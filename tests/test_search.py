@@ -22,7 +22,10 @@ def _config(data_dir, **overrides):
 
 
 def test_keep_searching_records_every_epoch(tmp_path, data_dir):
-    pipeline.run(_config(data_dir, keep_searching=True, eb_window=2, eb_eps=0.5), str(tmp_path))
+    config = _config(data_dir, keep_searching=True, eb_window=2, eb_eps=0.5)
+    record = pipeline.run(config, str(tmp_path))
+    assert [(s["stage"], s["epochs"]) for s in record["stages"]] == [("search", 4)]  # no cut
+    assert record["retrain"] is None and record["ticket_drawn_by"] == "detector"
     with np.load(tmp_path / "masks.npz") as masks:
         np.testing.assert_array_equal(masks["epochs"], [0, 1, 2, 3, 4])
         for ratio in ("p0.3", "p0.5", "p0.7"):
@@ -52,9 +55,10 @@ def test_no_emergence_takes_the_last_mask(tmp_path, data_dir):
 def test_eb_train_cuts_the_ticket_and_retrains_it(tmp_path, data_dir, mode, caplog):
     config = _config(data_dir, eb_window=2, eb_eps=0.5, retrain=mode, num_epochs=3)
     with caplog.at_level("INFO", logger="eb_jax"):
-        metrics = pipeline.run(config, str(tmp_path))
+        record = pipeline.run(config, str(tmp_path))
     ticket = json.loads((tmp_path / "ticket.json").read_text())
-    assert ticket["epoch"] < 3 and metrics["epoch"] == 3
+    assert ticket["epoch"] < 3 and record["ticket_epoch"] == ticket["epoch"]
+    assert [s["epochs"] for s in record["stages"]] == [ticket["epoch"], 3 - ticket["epoch"]]
     model, variables, meta = load_model(str(tmp_path))
     assert meta["stage"] == "retrain"
     assert [c for c in model.cfg if c != "M"] == ticket["kept"]  # the cut widths
@@ -68,10 +72,10 @@ def test_a_run_resumes_in_the_retrain_stage(tmp_path, data_dir, caplog):
     pipeline.run(config, str(tmp_path))
     config.num_epochs = 4  # extend the schedule: the run goes on from its checkpoint
     with caplog.at_level("INFO", logger="eb_jax"):
-        metrics = pipeline.run(config, str(tmp_path))
+        record = pipeline.run(config, str(tmp_path))
     messages = [r.getMessage() for r in caplog.records]
     assert any("resuming" in m and "stage retrain" in m for m in messages)
     assert not any("cut the" in m for m in messages)  # the ticket is not cut twice
-    assert metrics["epoch"] == 4
+    assert sum(s["epochs"] for s in record["stages"]) == 4
     model, _, meta = load_model(str(tmp_path))
     assert meta["stage"] == "retrain" and model.cfg != (8, "M", 16, 16)

@@ -23,7 +23,7 @@ class Ticket:
 
     ratio: float
     epoch: int
-    emerged: bool  # False: the detector never fired and the last mask was taken
+    emerged: bool  # whether the detector fired at `epoch` (False: a mask taken without it)
     masks: list  # per-layer numpy bool arrays, BN module order
 
     def to_json(self) -> dict:
@@ -113,10 +113,13 @@ class TicketSearch:
         self.detected = {float(r): e for r, e in record["detected"].items()}
         self.ticket = Ticket.from_json(record["ticket"]) if record["ticket"] else None
 
-    def take_last_mask(self) -> Ticket:
-        """The ticket when the detector never fired: the last mask observed."""
-        masks = np.split(self.history[self.target][-1], np.cumsum(self.layer_sizes)[:-1])
-        self.ticket = Ticket(self.target, self.epochs[-1], False, masks)
+    def take_mask(self, epoch: int | None = None) -> Ticket:
+        """The ticket drawn without the detector: the mask after `epoch` epochs (default:
+        the last observed), for a run whose detector never fired or a fixed ticket epoch."""
+        epoch = self.epochs[-1] if epoch is None else epoch
+        flat = self.history[self.target][self.epochs.index(epoch)]
+        masks = np.split(flat, np.cumsum(self.layer_sizes)[:-1])
+        self.ticket = Ticket(self.target, epoch, self.detected.get(self.target) == epoch, masks)
         return self.ticket
 
     def consecutive_distances(self, ratio: float) -> list[float]:

@@ -1,0 +1,90 @@
+"""Analytic cost of a network and of a training run, in the original's convention.
+
+PAPER.md §8: for one image, a multiply-add is 2 FLOPs (conv, linear; a linear bias adds
+1 per output), BatchNorm 2 per element, ReLU 1 per element, pooling k*k per output;
+channel selection and residual additions are free. Training costs 3 x the forward pass
+per image (forward + two backward products), times images, times epochs, per stage.
+
+The layers are found by tracing the model once at batch 1 (no compilation): its Conv,
+Dense and BatchNorm modules are intercepted with their shapes, and ReLU and pooling are
+read off the traced program. Any eb_jax model, dense or cut, is counted by the same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import jaxprs_in_params
+
+from eb_jax.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """Forward cost of one image: FLOPs (original convention), MACs (conv + linear
+    multiply-adds only) and the number of parameters (BN running statistics excluded)."""
+
+    flops: int
+    macs: int
+    params: int
+
+
+def forward_cost(model: nn.Module, input_shape) -> Cost:
+    """The forward cost of `model` for one image of shape (H, W, C)."""
+    model = model.clone(conv_impl="xla")  # one conv primitive per Conv, whatever the backend
+    x = jnp.zeros((1, *input_shape), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    counts = {"flops": 0, "macs": 0}
+
+    def count_module(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name != "__call__":
+            return out
+        module, inputs = context.module, args[0]
+        if isinstance(module, layers.Conv):
+            k = module.kernel_size
+            macs = k * k * inputs.shape[-1] * out.size
+            counts["macs"] += macs
+            counts["flops"] += 2 * macs
+        elif isinstance(module, nn.Dense):
+            macs = inputs.shape[-1] * out.size
+            counts["macs"] += macs
+            counts["flops"] += 2 * macs + (out.size if module.use_bias else 0)
+        elif isinstance(module, nn.BatchNorm):
+            counts["flops"] += 2 * inputs.size
+        return out
+
+    def forward(v, x):
+        with nn.intercept_methods(count_module):
+            return model.apply(v, x, train=False)
+
+    jaxpr = jax.make_jaxpr(forward)(variables, x)
+    counts["flops"] += _activation_and_pool_flops(jaxpr.jaxpr)
+    params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
+    return Cost(flops=counts["flops"], macs=counts["macs"], params=params)
+
+
+def _activation_and_pool_flops(jaxpr) -> int:
+    """ReLU (1 per element) and pooling (window size per output) in a traced program."""
+    flops = 0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name in ("jit", "pjit") and eqn.params.get("name") == "relu":
+            flops += eqn.invars[0].aval.size
+            continue
+        if name in ("reduce_window_max", "reduce_window_sum"):
+            flops += int(np.prod(eqn.params["window_dimensions"])) * eqn.outvars[0].aval.size
+        elif name == "reduce_sum":  # a global average pool: every input element once
+            flops += eqn.invars[0].aval.size
+        for sub in jaxprs_in_params(eqn.params):
+            flops += _activation_and_pool_flops(sub)
+    return flops
+
+
+def training_flops(forward_flops: int, images_per_epoch: int, epochs: int) -> float:
+    """3 x forward x images x epochs (PAPER.md §8)."""
+    return 3.0 * forward_flops * images_per_epoch * epochs

@@ -1,0 +1,143 @@
+"""Every method end to end on tiny settings, its report, and resuming in each stage."""
+
+import json
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from eb_jax import pipeline, report
+from eb_jax.checkpoint import load_model
+from eb_jax.config import default_config
+from eb_jax.cost import forward_cost, training_flops
+from eb_jax.models import create_model
+from eb_jax.trainer import Trainer
+
+EPOCHS = 2
+IMAGES = 11 * 128  # steps per epoch x batch size: what one epoch trains on
+
+
+def _config(data_dir, **overrides):
+    config = default_config()
+    config.update(
+        model="vgg_tiny", dataset="digits", data_dir=data_dir, batch_size=128,
+        eval_batch_size=120, num_epochs=EPOCHS, lr_boundaries=(1,), log_every_steps=0,
+        eb_window=2, eb_eps=0.5,
+    )  # fmt: skip
+    config.update(overrides)
+    return config
+
+
+def _learning_rates(workdir):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [r["learning_rate"] for r in map(json.loads, lines) if "learning_rate" in r]
+
+
+def _final_arrays(workdir):
+    checkpoints = workdir / "checkpoints"
+    step = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    return ocp.StandardCheckpointer().restore(checkpoints / str(step) / "arrays")
+
+
+DENSE_FLOPS = forward_cost(create_model("vgg_tiny", 10), (8, 8, 1)).flops
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir):
+    """One uninterrupted run per method, shared by the tests below."""
+    root = tmp_path_factory.mktemp("methods")
+    return {m: (root / m, pipeline.run(_config(data_dir, method=m), str(root / m)))
+            for m in ("dense", "ns", "lt")}  # fmt: skip
+
+
+def test_dense_trains_every_epoch_without_a_ticket(runs):
+    workdir, record = runs["dense"]
+    assert [s["stage"] for s in record["stages"]] == ["dense"]
+    assert record["stages"][0]["epochs"] == EPOCHS and record["ticket_epoch"] is None
+    assert record["training_pflops"] == pytest.approx(
+        training_flops(DENSE_FLOPS, IMAGES, EPOCHS) / 1e15
+    )
+    assert _learning_rates(workdir) == pytest.approx([0.1, 0.01])
+    assert not (workdir / "ticket.json").exists()
+    assert json.loads((workdir / "report.json").read_text()) == record
+
+
+@pytest.mark.parametrize("method, mode", [("ns", "inherit"), ("lt", "rewind")])
+def test_baselines_search_fully_then_retrain_a_second_schedule(runs, method, mode):
+    workdir, record = runs[method]
+    assert record["retrain"] == mode and record["ticket_epoch"] == EPOCHS
+    assert record["ticket_drawn_by"] == "full search"
+    assert [(s["stage"], s["epochs"]) for s in record["stages"]] == [
+        ("search", EPOCHS), ("retrain", EPOCHS)
+    ]  # fmt: skip
+    model, _, meta = load_model(str(workdir))
+    ticket = json.loads((workdir / "ticket.json").read_text())
+    assert [c for c in model.cfg if c != "M"] == ticket["kept"]
+    assert meta["stage"] == "retrain" and meta["epoch"] == 2 * EPOCHS
+    retrain = record["stages"][1]
+    assert retrain["forward_flops"] == forward_cost(model, (8, 8, 1)).flops < DENSE_FLOPS
+    assert record["training_pflops"] == pytest.approx(
+        training_flops(DENSE_FLOPS + retrain["forward_flops"], IMAGES, EPOCHS) / 1e15
+    )
+    assert _learning_rates(workdir) == pytest.approx([0.1, 0.01, 0.1, 0.01])  # schedule anew
+    assert (workdir / "init").is_dir() == (method == "lt")
+
+
+def test_a_fixed_ticket_epoch_draws_the_ticket_there(tmp_path, data_dir):
+    config = _config(data_dir, ticket_epoch=1, eb_eps=1e-9, retrain="reinit")
+    record = pipeline.run(config, str(tmp_path))
+    assert record["ticket_epoch"] == 1 and record["ticket_drawn_by"] == "ticket_epoch"
+    assert [(s["stage"], s["epochs"]) for s in record["stages"]] == [("search", 1), ("retrain", 1)]
+    assert _learning_rates(tmp_path) == pytest.approx([0.1, 0.01])  # one schedule
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["dense", "ns"])  # 'lt' shares the stages of 'ns'
+def test_a_run_interrupted_in_each_stage_ends_bit_identical(runs, tmp_path, data_dir, method,
+                                                            monkeypatch):  # fmt: skip
+    """Stopped after the first epoch of each stage (its checkpoint written), run again."""
+    config = _config(data_dir, method=method)
+    stops = [1] if method == "dense" else [1, EPOCHS + 1]  # epochs after which to stop
+    train_epoch = Trainer.train_epoch
+
+    def interrupted(self, epoch):
+        metrics = train_epoch(self, epoch)
+        if stops and epoch + 1 == stops[0]:
+            stops.pop(0)
+            raise _Interrupted
+        return metrics
+
+    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
+    for _ in range(len(stops)):
+        with pytest.raises(_Interrupted):
+            pipeline.run(config, str(tmp_path))
+    record = pipeline.run(config, str(tmp_path))
+    expected_dir, expected = runs[method]
+    assert record["test_accuracy"] == expected["test_accuracy"]
+    assert record["stages"] == expected["stages"]
+    got, want = _final_arrays(tmp_path), _final_arrays(expected_dir)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_report_compares_runs_in_one_table_and_a_chart(runs, tmp_path, capsys):
+    dirs = [str(runs[m][0]) for m in ("dense", "ns", "lt")]
+    assert report.main([*dirs, "--plot", str(tmp_path / "cost.png")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["run", "method", "p", "ticket"]
+    rows = {line.split()[0]: line.split() for line in lines[2:5]}
+    assert rows["dense"][6] == "1.00x"  # vs dense
+    assert rows["ns"][3:5] == [str(EPOCHS), "final"]
+    assert float(rows["ns"][7].rstrip("x")) > 1  # a full dense search, then more
+    assert (tmp_path / "cost.png").stat().st_size > 5_000
+    assert (runs["ns"][0] / "cost.png").exists()
+
+
+def test_report_on_a_directory_without_a_run_is_a_one_line_error(tmp_path, capsys):
+    assert report.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has no report.json" in err
