@@ -1,0 +1,71 @@
+"""EB Train against its baselines on the quickstart: accuracy, training cost, wall time.
+
+    PYTHONPATH=. python benchmarks/quickstart_methods.py [--methods dense ns lt eb] [--seeds 0]
+
+Runs each method on configs/quickstart.py (p = 0.5) in its own process, one after the
+other, then prints the runs' reports side by side (python -m eb_jax.report) and the
+issue's goals: EB Train within 1 point of 'ns' and 'dense' in test accuracy, at <= 0.5x
+the wall time of 'ns'. Wall time is the training time the report counts (compilation
+included, interpreter start-up not). With several seeds the means are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from eb_jax import report  # noqa: E402
+
+
+def run_method(method: str, seed: int, root: str) -> dict:
+    workdir = os.path.join(root, f"{method}-seed{seed}")
+    cmd = [sys.executable, "-m", "eb_jax.main", "--config", "configs/quickstart.py",
+           "--workdir", workdir, f"--config.method={method}", f"--config.seed={seed}"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"{method} failed:\n{result.stderr[-3000:]}")
+    return report.read_reports([workdir])[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=["dense", "ns", "lt", "eb"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--root", default=os.path.join(ROOT, "runs", "quickstart_methods"))
+    args = parser.parse_args()
+    if os.path.exists(args.root) and os.listdir(args.root):
+        sys.exit(f"{args.root} is not empty: remove it or pass --root (runs would resume)")
+    records = {m: [] for m in args.methods}
+    for seed in args.seeds:
+        for method in args.methods:
+            records[method].append(run_method(method, seed, args.root))
+    print(report.format_table([r for rs in records.values() for r in rs]))
+    report.plot_costs([rs[0] for rs in records.values()], os.path.join(args.root, "cost.png"))
+
+    def mean(method, key):
+        return sum(r[key] for r in records[method]) / len(records[method])
+
+    if "eb" not in records:
+        return
+    acc, wall = mean("eb", "test_accuracy"), mean("eb", "wall_time_s")
+    print(f"\nmeans over seeds {args.seeds}:")
+    for method in records:
+        print(f"  {method:6s} test {100 * mean(method, 'test_accuracy'):.2f}%  "
+              f"wall {mean(method, 'wall_time_s'):.1f} s  "
+              f"{mean(method, 'training_pflops') * 1e3:.3f} TFLOPs")  # fmt: skip
+    for method in ("ns", "dense"):
+        if method in records:
+            gap = 100 * (acc - mean(method, "test_accuracy"))
+            print(f"eb - {method} test accuracy: {gap:+.2f} points (goal: within 1)")
+    if "ns" in records:
+        ratio = wall / mean("ns", "wall_time_s")
+        print(f"eb / ns wall time: {ratio:.2f} (goal: <= 0.5)")
+
+
+if __name__ == "__main__":
+    main()
