@@ -74,7 +74,7 @@ def run(config, workdir: str) -> dict:
 
 
 def _trainer(config, data, model, workdir, state, checkpointer, search, meta, stage,
-             retrain_from: int, wall_time_s: float = 0.0) -> Trainer:  # fmt: skip
+             retrain_from: int, before: Trainer | None = None) -> Trainer:  # fmt: skip
     """The Trainer for `stage`; a retraining stage starts at step `retrain_from`."""
     end_epoch, lr_origin = config.num_epochs, 0
     extra = {}
@@ -84,7 +84,8 @@ def _trainer(config, data, model, workdir, state, checkpointer, search, meta, st
             end_epoch, lr_origin = 2 * config.num_epochs, retrain_from
     return Trainer(config, data, model, workdir, state, checkpointer, search, meta, stage=stage,
                    extra_meta=extra, end_epoch=end_epoch, lr_origin=lr_origin,
-                   wall_time_s=wall_time_s)  # fmt: skip
+                   wall_time_s=before.wall_time() if before else 0.0,
+                   compile_time_s=before.compile_time_s if before else 0.0)  # fmt: skip
 
 
 def _optimizer(config, steps_per_epoch: int, stage: str, start_step: int):
@@ -121,7 +122,7 @@ def _cut_for_retraining(config, data, trainer, search, checkpointer, workdir) ->
                                     batch_stats=variables["batch_stats"], tx=tx)  # fmt: skip
     state = state.replace(step=start)
     retrainer = _trainer(config, data, narrow, workdir, state, checkpointer, search, None,
-                         "retrain", start, trainer.wall_time())  # fmt: skip
+                         "retrain", start, before=trainer)  # fmt: skip
     n_dense = sum(np.size(x) for x in jax.tree.leaves(dense.params))
     n_ticket = sum(np.size(x) for x in jax.tree.leaves(variables["params"]))
     logger.info(
@@ -175,6 +176,7 @@ def _report(config, data, trainer: Trainer, search, workdir: str) -> dict:
             for name, epochs, c in stages
         ],
         "wall_time_s": trainer.wall_time(),
+        "compile_time_s": trainer.compile_time_s,  # of the steps, part of the wall time
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
     }
     record["training_pflops"] = sum(s["training_pflops"] for s in record["stages"])

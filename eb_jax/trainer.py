@@ -32,9 +32,10 @@ class Trainer:
     def __init__(self, config, data, model, workdir, state, checkpointer=None, search=None,
                  meta=None, stage: str = "dense", extra_meta: dict | None = None,
                  end_epoch: int | None = None, lr_origin: int = 0,
-                 wall_time_s: float = 0.0):  # fmt: skip
+                 wall_time_s: float = 0.0, compile_time_s: float = 0.0):  # fmt: skip
         """`end_epoch`: where this stage ends (default num_epochs); `lr_origin`: the step
-        at which the LR schedule starts; `wall_time_s`: the run's wall time so far."""
+        at which the LR schedule starts; `wall_time_s`, `compile_time_s`: the run's wall
+        time and compilation time so far."""
         self.config, self.data, self.model = config, data, model
         self.stage, self.extra_meta = stage, extra_meta or {}
         self.end_epoch = config.num_epochs if end_epoch is None else end_epoch
@@ -51,6 +52,8 @@ class Trainer:
         self.last_saved = self.step if meta else None
         self.start_time, self.start_step, self.last_metrics = time.perf_counter(), self.step, {}
         self.wall_time_before = (meta or {}).get("wall_time_s", wall_time_s)
+        self.compile_time_s = (meta or {}).get("compile_time_s", compile_time_s)
+        self.compile_time_s += self._compile()
         logger.info(
             "%s on %s: %d train / %d test images, %d steps/epoch, %s, workdir %s",
             config.model, config.dataset, len(data.train), len(data.eval),
@@ -61,6 +64,24 @@ class Trainer:
     def epoch(self) -> int:
         """The epoch the next step belongs to."""
         return self.step // self.steps_per_epoch
+
+    def _compile(self) -> float:
+        """Compiles the train and eval steps ahead of time; returns the seconds it took."""
+        start = time.perf_counter()
+        n, shape = jax.local_device_count(), self.data.spec.image_shape
+
+        def batch(size: int, with_mask: bool) -> dict:
+            spec = {"image": jax.ShapeDtypeStruct((n, size // n, *shape), np.float32),
+                    "label": jax.ShapeDtypeStruct((n, size // n), np.int32)}  # fmt: skip
+            if with_mask:
+                spec["mask"] = jax.ShapeDtypeStruct((n, size // n), np.bool_)
+            return spec
+
+        self.p_train = self.p_train.lower(self.state, batch(self.config.batch_size, False))
+        self.p_train = self.p_train.compile()
+        self.p_eval = self.p_eval.lower(self.state, batch(self.config.eval_batch_size, True))
+        self.p_eval = self.p_eval.compile()
+        return time.perf_counter() - start
 
     def wall_time(self) -> float:
         """Seconds this run has spent training, over every stage and restart."""
@@ -157,6 +178,7 @@ class Trainer:
             "epoch_sums": _host(self.sums) if self.sums else None,
             "config": config_record(self.config),
             "wall_time_s": self.wall_time(),
+            "compile_time_s": self.compile_time_s,
             **self.extra_meta,
         }
         if self.search is not None:

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from eb_jax.data import DataError, eval_batches, input_pipeline, open_dataset, train_batches
+from eb_jax.data import (
+    DataError,
+    eval_batches,
+    in_memory,
+    input_pipeline,
+    open_dataset,
+    train_batches,
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +80,20 @@ def test_cifar_pipeline_on_mock_data():
 
 
 def test_cifar_augment_pads_with_zeros_crops_and_flips():
-    image = np.full((32, 32, 3), 255, np.uint8)
     rng = np.random.default_rng(0)
-    outs = [input_pipeline._cifar_augment(image, rng) for _ in range(50)]
-    assert all(o.shape == (32, 32, 3) for o in outs)
-    assert any((o == 0).any() for o in outs)  # some crops reach into the zero padding
-    ramp = np.tile(np.arange(32, dtype=np.uint8)[None, :, None], (32, 1, 3))
-    flipped = [input_pipeline._cifar_augment(ramp, rng) for _ in range(50)]
-    assert any(o[16, 10, 0] > o[16, 11, 0] for o in flipped)  # a flipped ramp descends
+    outs = in_memory.cifar_augment_batch(np.full((50, 32, 32, 3), 255, np.uint8), rng)
+    assert outs.shape == (50, 32, 32, 3) and outs.dtype == np.uint8
+    assert (outs == 0).any(axis=(1, 2, 3)).mean() > 0.5  # crops reach into the zero padding
+    assert (outs == 255).all(axis=(1, 2, 3)).any()  # the centred crop (1 in 81) or lucky
+    ramp = np.tile(np.arange(32, dtype=np.uint8)[None, None, :, None], (50, 32, 1, 3))
+    flipped = in_memory.cifar_augment_batch(ramp, rng)
+    descends = flipped[:, 16, 10, 0] > flipped[:, 16, 11, 0]
+    assert 0.2 < descends.mean() < 0.8  # about half the images flipped
+    # Every output is a 32x32 window of the padded image, maybe mirrored.
+    padded = np.pad(ramp[0], ((4, 4), (4, 4), (0, 0)))
+    crops = [padded[t : t + 32, x : x + 32] for t in range(9) for x in range(9)]
+    windows = {c.tobytes() for c in crops} | {c[:, ::-1].tobytes() for c in crops}
+    assert all(o.tobytes() in windows for o in flipped)
 
 
 def test_imagenet_crops_have_the_model_size():

@@ -3,7 +3,8 @@
 Every dataset, the offline digits included, is a prepared TFDS dataset in `data_dir`
 opened with `tfds.data_source` (random access, no TensorFlow). A training epoch is a
 grain `MapDataset` indexed by step, so resuming at step k of epoch e replays exactly the
-same batches. Batches are dicts of numpy arrays: 'image' float32 NHWC, normalised;
+same batches. Small datasets (digits, CIFAR) are read into memory once and batched with
+numpy instead (in_memory.py). Batches are dicts of numpy arrays: 'image' float32 NHWC, normalised;
 'label' int32; eval batches add 'mask' (False on padding).
 """
 
@@ -17,7 +18,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from eb_jax.data import digits
+from eb_jax.data import digits, in_memory
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -35,18 +36,22 @@ class DatasetSpec:
     mean: tuple
     std: tuple
     augment: str  # 'none' | 'cifar' | 'imagenet'
+    in_memory: bool = False  # small enough to read once and batch with numpy (in_memory.py)
 
 
 DATASETS = {
     # mean/std of the digits training images scaled to [0, 1].
-    "digits": DatasetSpec(digits.NAME, "train", "test", (8, 8, 1), (0.3053,), (0.3759,), "none"),
+    "digits": DatasetSpec(
+        digits.NAME, "train", "test", (8, 8, 1), (0.3053,), (0.3759,), "none", True
+    ),
+    # CIFAR: 50 000 32x32x3 uint8 training images are 150 MB in memory.
     "cifar10": DatasetSpec(
         "cifar10", "train", "test", (32, 32, 3),
-        (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "cifar",
+        (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "cifar", True,
     ),
     "cifar100": DatasetSpec(
         "cifar100", "train", "test", (32, 32, 3),
-        (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "cifar",
+        (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "cifar", True,
     ),
     "imagenet2012": DatasetSpec(
         "imagenet2012", "train", "validation", (224, 224, 3),
@@ -85,21 +90,13 @@ def open_dataset(name: str, data_dir: str | None = None) -> Dataset:
             f"`tfds build {spec.tfds_name} --data_dir=DIR --file_format=array_record` and pass "
             f"--config.data_dir=DIR"
         ) from None
+    if spec.in_memory:
+        train, eval_ = in_memory.ArraySource.read(train), in_memory.ArraySource.read(eval_)
     return Dataset(spec, train, eval_, num_classes)
 
 
 def _normalize(image: np.ndarray, spec: DatasetSpec) -> np.ndarray:
-    image = image.astype(np.float32) / 255.0
-    return (image - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
-
-
-def _cifar_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Zero-pad 4 on the uint8 image, random 32x32 crop, random horizontal flip."""
-    h, w = image.shape[:2]
-    padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
-    top, left = rng.integers(0, 9, size=2)
-    image = padded[top : top + h, left : left + w]
-    return image[:, ::-1] if rng.random() < 0.5 else image
+    return in_memory.normalize(image, spec.mean, spec.std)
 
 
 def _random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
@@ -135,9 +132,7 @@ def _resize_center_crop(image: np.ndarray, resize: int, size: int) -> np.ndarray
 def _train_transform(spec: DatasetSpec):
     def transform(example, rng: np.random.Generator):
         image = np.asarray(example["image"])
-        if spec.augment == "cifar":
-            image = _cifar_augment(image, rng)
-        elif spec.augment == "imagenet":
+        if spec.augment == "imagenet":
             image = _random_resized_crop(image, rng, spec.image_shape[0])
             image = image[:, ::-1] if rng.random() < 0.5 else image
         return {"image": _normalize(image, spec), "label": np.int32(example["label"])}
@@ -181,6 +176,10 @@ def train_batches(
     """
     local_batch = batch_size // process_count
     n_steps = steps_per_epoch(data, batch_size)
+    if isinstance(data.train, in_memory.ArraySource):
+        return in_memory.train_batches(data.train, data.spec, batch_size,
+                                       _epoch_seed(seed, epoch), n_steps, start_step,
+                                       process_index, process_count)  # fmt: skip
     ds = grain.MapDataset.source(data.train).shuffle(seed=_epoch_seed(seed, epoch))
     ds = ds[process_index::process_count]
     ds = ds.random_map(_train_transform(data.spec), seed=_epoch_seed(seed, epoch))
@@ -192,10 +191,15 @@ def train_batches(
 def eval_batches(data: Dataset, batch_size: int, process_index: int = 0, process_count: int = 1):
     """Every eval example exactly once, in batches padded to `batch_size` (mask=False)."""
     local_batch = batch_size // process_count
-    ds = grain.MapDataset.source(data.eval)[process_index::process_count]
-    ds = ds.map(_eval_transform(data.spec)).batch(local_batch)
     # Every process runs the same number of steps, padding with empty batches.
     n_steps = math.ceil(math.ceil(len(data.eval) / process_count) / local_batch)
+    if isinstance(data.eval, in_memory.ArraySource):
+        batches = in_memory.eval_batches(data.eval, data.spec, local_batch, n_steps,
+                                         process_index, process_count)  # fmt: skip
+        yield from (_pad(batch, local_batch) for batch in batches)
+        return
+    ds = grain.MapDataset.source(data.eval)[process_index::process_count]
+    ds = ds.map(_eval_transform(data.spec)).batch(local_batch)
     template = ds[0]
     for i in range(n_steps):
         batch = ds[i] if i < len(ds) else {k: v[:0] for k, v in template.items()}
