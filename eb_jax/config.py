@@ -5,6 +5,9 @@ Config files in `configs/` start from `default_config()` and override what diffe
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 from eb_jax.ticket import EarlyBirdDetector
@@ -62,6 +65,28 @@ def default_config() -> ml_collections.ConfigDict:
     c.async_checkpoints = True
     c.num_data_threads = 4
     return c
+
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_config(name_or_path: str, **overrides) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file, by path or by name in configs/ ('quickstart'),
+    with `overrides` applied: the notebook and script counterpart of --config."""
+    path = name_or_path
+    if not os.path.exists(path):
+        path = os.path.join(CONFIGS_DIR, os.path.basename(name_or_path).removesuffix(".py") + ".py")
+    if not os.path.exists(path):
+        raise ConfigError(f"no config file {name_or_path!r} (looked in {CONFIGS_DIR} too)")
+    spec = importlib.util.spec_from_file_location(f"eb_jax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    unknown = sorted(set(overrides) - set(config.keys()))
+    if unknown:
+        raise ConfigError(f"the config has no field(s) {', '.join(unknown)}")
+    config.update(overrides)
+    return config
 
 
 def retrain_mode(config) -> str | None:

@@ -67,15 +67,13 @@ class MetricWriter:
 def plot_mask_distances(search, path: str) -> None:
     """Paper Fig. 3: pairwise mask distances over the recorded epochs, one panel per ratio,
     min-max normalised to [0, 1]; the detection epoch is marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
     from eb_jax.ticket import pairwise_distances
 
     ratios = search.ratios
-    fig, axes = plt.subplots(1, len(ratios), figsize=(4 * len(ratios), 3.8), squeeze=False)
+    fig = Figure(figsize=(4 * len(ratios), 3.8))
+    axes = fig.subplots(1, len(ratios), squeeze=False)
     epochs = search.epochs
     for ax, ratio in zip(axes[0], ratios, strict=True):
         matrix = pairwise_distances(search.history[ratio])
@@ -94,7 +92,6 @@ def plot_mask_distances(search, path: str) -> None:
         ax.set_ylabel("epoch")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="normalised mask distance")
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
 
 # --- The run's report (PAPER.md §8, Table 2): report.json, a table, a cost chart ---
@@ -175,13 +172,11 @@ def _format_pflops(pflops: float) -> str:
 
 def plot_costs(records: list[dict], path: str) -> None:
     """Training PFLOPs per run, stacked by stage (search / retrain / dense)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     colors = {"dense": "tab:gray", "search": "tab:blue", "retrain": "tab:orange"}
-    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(records), 3.8))
+    fig = Figure(figsize=(1.6 + 1.2 * len(records), 3.8))
+    ax = fig.subplots()
     labels = [f"{r['run']}\n{r['method']}, {100 * r['test_accuracy']:.1f}%" for r in records]
     seen = set()
     for i, r in enumerate(records):
@@ -199,7 +194,6 @@ def plot_costs(records: list[dict], path: str) -> None:
     ax.set_title("training cost by stage (3 x forward x images x epochs)")
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
 
 def main(argv=None) -> int:
