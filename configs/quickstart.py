@@ -2,7 +2,7 @@
 
     python -m eb_jax.main --config configs/quickstart.py
 
-Reaches about 97 % test accuracy (1 437 training / 360 test images of 8x8 digits).
+Reaches about 98.6 % test accuracy (1 437 training / 360 test images of 8x8 digits).
 """
 
 from eb_jax.config import default_config
