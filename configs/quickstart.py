@@ -1,4 +1,4 @@
-"""Quickstart: a small VGG on scikit-learn's handwritten digits, offline, ~1 min on 2 cores.
+"""Quickstart: a small VGG on scikit-learn's handwritten digits, offline, ~25 s on 2 cores.
 
     python -m eb_jax.main --config configs/quickstart.py
 
