@@ -76,6 +76,8 @@ def test_quickstart_runs_eb_train_end_to_end(tmp_path, data_dir):
     (["--config.retrain=later"], "retrain='later' must be one of"),
     (["--config.min_channels=0"], "min_channels must be >= 1 and round_to >= 0"),
     (["--config.checkpoints_to_keep=0"], "checkpoints_to_keep must be >= 1"),
+    (["--config.ticket_epoch=50"], "ticket_epoch=50 must be in [0, num_epochs=20]"),
+    (["--config.method=ns", "--config.keep_searching=True"], "keep_searching applies to"),
     (["stray"], "unexpected arguments: stray"),
 ])  # fmt: skip
 def test_bad_input_is_a_one_line_error(args, message, tmp_path, data_dir):

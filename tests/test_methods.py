@@ -9,7 +9,7 @@ import pytest
 
 from eb_jax import pipeline, report
 from eb_jax.checkpoint import load_model
-from eb_jax.config import default_config
+from eb_jax.config import ConfigError, default_config, load_config
 from eb_jax.cost import forward_cost, training_flops
 from eb_jax.models import create_model
 from eb_jax.trainer import Trainer
@@ -141,3 +141,12 @@ def test_report_on_a_directory_without_a_run_is_a_one_line_error(tmp_path, capsy
     assert report.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "has no report.json" in err
+
+
+def test_load_config_by_name_or_path_with_overrides():
+    assert load_config("quickstart", num_epochs=3).num_epochs == 3
+    assert load_config("configs/vgg16_cifar10.py").model == "vgg16"
+    with pytest.raises(ConfigError, match="no field.*epochz"):
+        load_config("quickstart", epochz=3)
+    with pytest.raises(ConfigError, match="no config file 'nope'"):
+        load_config("nope")
