@@ -13,6 +13,8 @@ import ml_collections
 from eb_jax.ticket import EarlyBirdDetector
 
 METHODS = ("eb", "ns", "lt", "dense")
+# Methods that search all num_epochs, then retrain the ticket on a second, fresh schedule.
+FULL_SEARCH_METHODS = ("ns", "lt")
 RETRAIN_MODES = ("inherit", "reinit", "rewind")
 
 

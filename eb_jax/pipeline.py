@@ -25,7 +25,7 @@ import numpy as np
 from eb_jax import cost, report, train
 from eb_jax import data as data_lib
 from eb_jax.checkpoint import Checkpointer, check_config_matches, load_model
-from eb_jax.config import ConfigError, retrain_mode, validate
+from eb_jax.config import FULL_SEARCH_METHODS, ConfigError, retrain_mode, validate
 from eb_jax.models import bn_scales, create_model, widths_from_json
 from eb_jax.ticket import EarlyBirdDetector, mask_distance
 from eb_jax.ticket.export import save_ticket
@@ -80,7 +80,7 @@ def _trainer(config, data, model, workdir, state, checkpointer, search, meta, st
     extra = {}
     if stage == "retrain":
         extra["retrain_from_step"] = retrain_from
-        if config.method in ("ns", "lt"):  # a whole second schedule after the full search
+        if config.method in FULL_SEARCH_METHODS:  # a whole second schedule
             end_epoch, lr_origin = 2 * config.num_epochs, retrain_from
     return Trainer(config, data, model, workdir, state, checkpointer, search, meta, stage=stage,
                    extra_meta=extra, end_epoch=end_epoch, lr_origin=lr_origin,
@@ -90,7 +90,7 @@ def _trainer(config, data, model, workdir, state, checkpointer, search, meta, st
 
 def _optimizer(config, steps_per_epoch: int, stage: str, start_step: int):
     """Sparsity only while searching; a retraining 'ns'/'lt' schedule starts afresh."""
-    if stage == "retrain" and config.method in ("ns", "lt"):
+    if stage == "retrain" and config.method in FULL_SEARCH_METHODS:
         start_step = 0
     sparsity = config.sparsity if stage == "search" else 0.0
     return train.create_optimizer(config, steps_per_epoch, start_step, sparsity)
@@ -115,7 +115,7 @@ def _cut_for_retraining(config, data, trainer, search, checkpointer, workdir) ->
             variables = train.init_variables(narrow, jax.random.key(config.seed + 1),
                                              data.spec.image_shape)  # fmt: skip
     start = ticket.epoch * trainer.steps_per_epoch  # EB: the schedule and data order go on
-    if config.method in ("ns", "lt"):
+    if config.method in FULL_SEARCH_METHODS:
         start = trainer.step  # after the whole search
     tx = _optimizer(config, trainer.steps_per_epoch, "retrain", start)
     state = train.TrainState.create(apply_fn=narrow.apply, params=variables["params"],
@@ -143,7 +143,7 @@ def _report(config, data, trainer: Trainer, search, workdir: str) -> dict:
         final = trainer.evaluate()["accuracy"]
     shape, images = data.spec.image_shape, trainer.steps_per_epoch * config.batch_size
     dense = cost.forward_cost(_new_model(config, data.num_classes), shape)
-    cut = cost.forward_cost(trainer.model, shape)
+    cut = cost.forward_cost(trainer.model, shape) if trainer.stage == "retrain" else dense
     if search is None:
         stages = [("dense", config.num_epochs, dense)]
     else:
@@ -187,7 +187,7 @@ def _report(config, data, trainer: Trainer, search, workdir: str) -> dict:
 
 
 def _drawn_by(config, ticket) -> str:
-    if config.method in ("ns", "lt"):
+    if config.method in FULL_SEARCH_METHODS:
         return "full search"
     if config.ticket_epoch:
         return "ticket_epoch"
@@ -267,7 +267,7 @@ def _start_or_resume(config, data, checkpointer, workdir):
 def search_ticket(config, trainer: Trainer, search: TicketSearch, workdir: str):
     """Dense training with masks drawn before every epoch until the ticket is drawn: when
     it emerges, or after `ticket_epoch` epochs ('eb'), or after all epochs ('ns', 'lt')."""
-    fixed = config.num_epochs if config.method in ("ns", "lt") else config.ticket_epoch
+    fixed = config.num_epochs if config.method in FULL_SEARCH_METHODS else config.ticket_epoch
     epoch = trainer.epoch
     while True:
         if epoch not in search.epochs:

@@ -13,6 +13,8 @@ import sys
 
 import numpy as np
 
+from eb_jax.config import FULL_SEARCH_METHODS
+
 logger = logging.getLogger("eb_jax")
 
 
@@ -103,12 +105,16 @@ _COLUMNS = ("run", "method", "p", "ticket", "test acc", "PFLOPs", "vs dense", "w
 _DRAWN_BY = {"ticket_epoch": " fixed", "no emergence": " none", "full search": " final"}
 
 
-def write_report(workdir: str, record: dict) -> None:
-    """WORKDIR/report.json (written whole or not at all) and WORKDIR/cost.png."""
-    path = os.path.join(workdir, REPORT_FILE)
+def write_json(path: str, record: dict, indent: int | None = None) -> None:
+    """Writes `record` to `path` whole or not at all (never a half-written file)."""
     with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=1)
+        json.dump(record, f, indent=indent)
     os.replace(path + ".tmp", path)
+
+
+def write_report(workdir: str, record: dict) -> None:
+    """WORKDIR/report.json and WORKDIR/cost.png."""
+    write_json(os.path.join(workdir, REPORT_FILE), record, indent=1)
     plot_costs([record], os.path.join(workdir, "cost.png"))
 
 
@@ -163,7 +169,7 @@ def format_table(records: list[dict]) -> str:
 def _schedule_epochs(record: dict) -> int:
     """num_epochs of the run's schedule: 'ns'/'lt' train two schedules of equal length."""
     total = sum(s["epochs"] for s in record["stages"])
-    return total // 2 if record["method"] in ("ns", "lt") else total
+    return total // 2 if record["method"] in FULL_SEARCH_METHODS else total
 
 
 def _format_pflops(pflops: float) -> str:

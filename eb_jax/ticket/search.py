@@ -8,11 +8,11 @@ ratio the run trains for and reports when that ratio's ticket has emerged.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import numpy as np
 
+from eb_jax.report import write_json
 from eb_jax.ticket.early_bird import EarlyBirdDetector
 from eb_jax.ticket.masks import channel_mask, flatten_mask, mask_distance
 
@@ -130,15 +130,8 @@ class TicketSearch:
         """ticket.json (the target ratio's ticket) and masks.npz (every recorded mask)."""
         os.makedirs(workdir, exist_ok=True)
         if self.ticket is not None:
-            _write_json(os.path.join(workdir, "ticket.json"), self.ticket.to_json())
+            write_json(os.path.join(workdir, "ticket.json"), self.ticket.to_json())
         arrays = {f"p{r:g}": np.stack(self.history[r]) for r in self.ratios}
         np.savez_compressed(
             os.path.join(workdir, "masks.npz"), epochs=np.asarray(self.epochs), **arrays
         )
-
-
-def _write_json(path: str, record: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, path)  # never a half-written file
