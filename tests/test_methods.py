@@ -11,7 +11,7 @@ from eb_jax import pipeline, report
 from eb_jax.checkpoint import load_model
 from eb_jax.config import ConfigError, default_config, load_config
 from eb_jax.cost import forward_cost, training_flops
-from eb_jax.models import create_model
+from eb_jax.models import bn_scales, create_model
 from eb_jax.trainer import Trainer
 
 EPOCHS = 2
@@ -60,6 +60,7 @@ def test_dense_trains_every_epoch_without_a_ticket(runs):
     )
     assert _learning_rates(workdir) == pytest.approx([0.1, 0.01])
     assert not (workdir / "ticket.json").exists()
+    assert 0 < record["compile_time_s"] < record["wall_time_s"]
     assert json.loads((workdir / "report.json").read_text()) == record
 
 
@@ -90,6 +91,19 @@ def test_a_fixed_ticket_epoch_draws_the_ticket_there(tmp_path, data_dir):
     assert record["ticket_epoch"] == 1 and record["ticket_drawn_by"] == "ticket_epoch"
     assert [(s["stage"], s["epochs"]) for s in record["stages"]] == [("search", 1), ("retrain", 1)]
     assert _learning_rates(tmp_path) == pytest.approx([0.1, 0.01])  # one schedule
+
+
+@pytest.mark.parametrize("method", ["dense", "eb"])
+def test_bn_sparsity_applies_only_while_searching(tmp_path, data_dir, method):
+    # s = 1 at lr 0.1 pulls every |scale| by 0.1 a step: 11 steps would take the initial
+    # 0.5 to about 0. Dense training and the re-initialised ticket's retraining keep them.
+    config = _config(data_dir, method=method, sparsity=1.0, lr_boundaries=(), retrain="reinit")
+    if method == "eb":
+        config.update(ticket_epoch=1)  # search 1 epoch (scales collapse), retrain 1 epoch
+    pipeline.run(config, str(tmp_path))
+    model, variables, _ = load_model(str(tmp_path))
+    scales = np.concatenate([np.abs(np.asarray(s)) for s in bn_scales(model, variables["params"])])
+    assert scales.mean() > 0.3
 
 
 class _Interrupted(Exception):
