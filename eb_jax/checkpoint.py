@@ -26,7 +26,8 @@ RESUME_FIELDS = (
     "model", "dataset", "batch_size", "learning_rate", "lr_boundaries", "lr_decay",
     "momentum", "weight_decay", "sparsity", "seed", "method", "prune_ratio",
     "monitor_ratios", "eb_window", "eb_eps", "eb_rule", "keep_searching", "ticket_epoch",
-    "retrain", "min_channels", "round_to", "prune_residual",
+    "retrain", "min_channels", "round_to", "prune_residual", "precision", "bfp",
+    "swa_start_epoch",
 )  # fmt: skip
 
 

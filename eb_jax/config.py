@@ -10,6 +10,7 @@ import os
 
 import ml_collections
 
+from eb_jax import lowp
 from eb_jax.ticket import EarlyBirdDetector
 
 METHODS = ("eb", "ns", "lt", "dense")
@@ -59,6 +60,20 @@ def default_config() -> ml_collections.ConfigDict:
     c.min_channels = 1  # no layer ends empty: its largest-|scale| channels stay
     c.round_to = 0  # round kept counts up to a multiple (8 GPU, 128 TPU); 0: off
     c.prune_residual = False  # ResNet-18/50: prune the residual widths too
+    # Number formats (PAPER.md §7): 'fp32'; 'bf16' (bf16 compute, fp32 weights and BN
+    # statistics: TPU/GPU speed); 'bfp8' (8-bit block floating point: weights, activations,
+    # errors, gradients, momentum, word lengths in `bfp`). 'search' covers every stage
+    # before the cut ('dense' training too). The paper's LF: search 'bfp8', retrain
+    # 'fp32'; LL: both 'bfp8'.
+    c.precision = ml_collections.ConfigDict({"search": "fp32", "retrain": "fp32"})
+    c.bfp = ml_collections.ConfigDict(
+        {"weight_bits": 8, "activation_bits": 8, "error_bits": 8, "gradient_bits": 8,
+         "momentum_bits": 8, "rounding": "stochastic"}  # or 'nearest'
+    )  # fmt: skip
+    # Stochastic weight averaging (SWALP): the weights averaged at the end of every epoch
+    # from this epoch of the final stage's schedule on, BN statistics recomputed for the
+    # average, which is the run's final model (the paper: 140 of 160). 0: off.
+    c.swa_start_epoch = 0
     c.conv_impl = "auto"  # 'auto' (fast path picked per backend), 'xla' or 'patches'
     c.cpu_xla_flags = True  # XLA's Eigen convolution on CPU (eb_jax.platform)
     c.log_every_steps = 100  # progress lines within an epoch
@@ -89,6 +104,15 @@ def load_config(name_or_path: str, **overrides) -> ml_collections.ConfigDict:
         raise ConfigError(f"the config has no field(s) {', '.join(unknown)}")
     config.update(overrides)
     return config
+
+
+def stage_precision(config, stage: str) -> lowp.Precision:
+    """The number format of `stage` ('dense', 'search' or 'retrain')."""
+    name = config.precision.retrain if stage == "retrain" else config.precision.search
+    b = config.bfp
+    fmt = lowp.BFPFormat(b.weight_bits, b.activation_bits, b.error_bits, b.gradient_bits,
+                         b.momentum_bits, stochastic=b.rounding == "stochastic")  # fmt: skip
+    return lowp.Precision(name, fmt)
 
 
 def retrain_mode(config) -> str | None:
@@ -136,3 +160,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         EarlyBirdDetector(config.eb_window, config.eb_eps, config.eb_rule)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    for stage in ("search", "retrain"):
+        if config.precision[stage] not in lowp.PRECISIONS:
+            raise ConfigError(
+                f"precision.{stage}={config.precision[stage]!r} must be one of {lowp.PRECISIONS}"
+            )
+    if config.bfp.rounding not in ("stochastic", "nearest"):
+        raise ConfigError(f"bfp.rounding={config.bfp.rounding!r} must be 'stochastic' or 'nearest'")
+    try:
+        stage_precision(config, "search")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not 0 <= config.swa_start_epoch < config.num_epochs:
+        raise ConfigError(
+            f"swa_start_epoch={config.swa_start_epoch} must be in [0, num_epochs) (0: no SWA)"
+        )

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import jaxprs_in_params
 
+from eb_jax.lowp import FP32
 from eb_jax.models import layers
 
 
@@ -35,7 +36,8 @@ class Cost:
 
 def forward_cost(model: nn.Module, input_shape) -> Cost:
     """The forward cost of `model` for one image of shape (H, W, C)."""
-    model = model.clone(conv_impl="xla")  # one conv primitive per Conv, whatever the backend
+    # One conv primitive per Conv whatever the backend; no quantisers, fp32.
+    model = model.clone(conv_impl="xla", precision=FP32)
     x = jnp.zeros((1, *input_shape), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
     counts = {"flops": 0, "macs": 0}

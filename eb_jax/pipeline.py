@@ -25,7 +25,13 @@ import numpy as np
 from eb_jax import cost, report, train
 from eb_jax import data as data_lib
 from eb_jax.checkpoint import Checkpointer, check_config_matches, load_model
-from eb_jax.config import FULL_SEARCH_METHODS, ConfigError, retrain_mode, validate
+from eb_jax.config import (
+    FULL_SEARCH_METHODS,
+    ConfigError,
+    retrain_mode,
+    stage_precision,
+    validate,
+)
 from eb_jax.models import bn_scales, create_model, widths_from_json
 from eb_jax.ticket import EarlyBirdDetector, mask_distance
 from eb_jax.ticket.export import save_ticket
@@ -93,7 +99,8 @@ def _optimizer(config, steps_per_epoch: int, stage: str, start_step: int):
     if stage == "retrain" and config.method in FULL_SEARCH_METHODS:
         start_step = 0
     sparsity = config.sparsity if stage == "search" else 0.0
-    return train.create_optimizer(config, steps_per_epoch, start_step, sparsity)
+    precision = stage_precision(config, stage)
+    return train.create_optimizer(config, steps_per_epoch, start_step, sparsity, precision)
 
 
 def _cut_for_retraining(config, data, trainer, search, checkpointer, workdir) -> Trainer:
@@ -114,6 +121,7 @@ def _cut_for_retraining(config, data, trainer, search, checkpointer, workdir) ->
         if mode == "reinit":
             variables = train.init_variables(narrow, jax.random.key(config.seed + 1),
                                              data.spec.image_shape)  # fmt: skip
+    narrow = narrow.clone(precision=stage_precision(config, "retrain"))
     start = ticket.epoch * trainer.steps_per_epoch  # EB: the schedule and data order go on
     if config.method in FULL_SEARCH_METHODS:
         start = trainer.step  # after the whole search
@@ -205,9 +213,11 @@ def _load_init(workdir: str) -> dict:
     return load_model(path)[1]
 
 
-def _new_model(config, num_classes: int, widths: dict | None = None):
+def _new_model(config, num_classes: int, widths: dict | None = None, stage: str = "search"):
     try:
-        return create_model(config.model, num_classes, config.conv_impl, **(widths or {}))
+        precision = stage_precision(config, stage)
+        return create_model(config.model, num_classes, config.conv_impl, precision,
+                            **(widths or {}))  # fmt: skip
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -233,7 +243,7 @@ def _start_or_resume(config, data, checkpointer, workdir):
     search = _new_search(config, _new_model(config, data.num_classes), shape)
 
     def fresh(stage, widths=None, start_step=0):
-        model = _new_model(config, data.num_classes, widths)
+        model = _new_model(config, data.num_classes, widths, stage)
         tx = _optimizer(config, steps_per_epoch, stage, start_step)
         state = train.create_train_state(model, jax.random.key(config.seed), shape, tx)
         return model, state.replace(step=start_step)

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from eb_jax import lowp
+
 
 class TrainState(train_state.TrainState):
     batch_stats: Any = None
@@ -52,12 +54,17 @@ def add_bn_sparsity(strength: float) -> optax.GradientTransformation:
 
 
 def create_optimizer(
-    config, steps_per_epoch: int, start_step: int = 0, sparsity: float | None = None
+    config,
+    steps_per_epoch: int,
+    start_step: int = 0,
+    sparsity: float | None = None,
+    precision: lowp.Precision = lowp.FP32,
 ) -> optax.GradientTransformation:
     """SGD with PyTorch semantics: g += s*sign(bn scale); g += wd*p; buf = m*buf + g.
 
     `start_step`: a fresh optimizer whose LR schedule goes on from that step (retraining).
     `sparsity`: s, default `config.sparsity` (0 where no ticket is drawn from the scales).
+    `precision` 'bfp8': g quantised after the sparsity term, buf after each update.
     """
     sparsity = config.sparsity if sparsity is None else sparsity
     schedule = lr_schedule(
@@ -69,9 +76,17 @@ def create_optimizer(
     parts = []
     if sparsity:
         parts.append(add_bn_sparsity(sparsity))
+    fmt = precision.bfp
+    if precision.quantized:
+        parts.append(lowp.quantize_gradients(fmt.gradient_bits, config.seed, fmt.stochastic))
     if config.weight_decay:
         parts.append(optax.add_decayed_weights(config.weight_decay))
-    parts.append(optax.sgd(schedule, momentum=config.momentum or None, nesterov=False))
+    if precision.quantized and config.momentum:
+        parts.append(lowp.quantized_momentum(config.momentum, fmt.momentum_bits, config.seed,
+                                             fmt.stochastic))  # fmt: skip
+        parts.append(optax.scale_by_learning_rate(schedule))
+    else:
+        parts.append(optax.sgd(schedule, momentum=config.momentum or None, nesterov=False))
     return optax.chain(*parts)
 
 
@@ -98,8 +113,19 @@ def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def train_step(state: TrainState, batch, axis_name: str | None = None):
-    """One SGD step on `batch` ({'image', 'label'}); returns the new state and metrics."""
+def train_step(state: TrainState, batch, axis_name: str | None = None,
+               precision: lowp.Precision = lowp.FP32, seed: int = 0):  # fmt: skip
+    """One SGD step on `batch` ({'image', 'label'}); returns the new state and metrics.
+
+    `precision` 'bfp8' (the model's too): activations and errors rounded with noise drawn
+    from `seed`, the step and the device; the updated weights rounded too.
+    """
+    rngs = {}
+    if precision.quantized and precision.bfp.stochastic:
+        key = lowp.stream_key(seed, lowp.ACTIVATIONS, state.step)
+        if axis_name is not None:  # each device rounds its own examples
+            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+        rngs["quant"] = key
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
@@ -107,13 +133,21 @@ def train_step(state: TrainState, batch, axis_name: str | None = None):
             batch["image"],
             train=True,
             mutable=["batch_stats"],
+            rngs=rngs,
         )
         return cross_entropy(logits, batch["label"]), (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)
-    state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
+    new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
+    if precision.quantized:
+        fmt = precision.bfp
+        key = lowp.stream_key(seed, lowp.WEIGHTS, state.step) if fmt.stochastic else None
+        new_state = new_state.replace(
+            params=lowp.quantize_tree(new_state.params, fmt.weight_bits, key)
+        )
+    state = new_state
     n = batch["label"].shape[0]
     metrics = {
         "loss_sum": loss * n,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 
@@ -44,7 +45,9 @@ class Trainer:
         self.steps_per_epoch = data_lib.input_pipeline.steps_per_epoch(data, config.batch_size)
         self.state = parallel.replicate(state)
         self.step = int(state.step)  # global step = the optimizer's update count
-        self.p_train = parallel.pmap_step(train.train_step)
+        self.p_train = parallel.pmap_step(
+            functools.partial(train.train_step, precision=model.precision, seed=config.seed)
+        )
         self.p_eval = parallel.pmap_step(train.eval_step, donate_state=False)
         self.wait = parallel.must_wait_each_step()
         self.writer = report.MetricWriter(workdir, enabled=jax.process_index() == 0)

@@ -10,6 +10,7 @@ import functools
 
 import flax.linen as nn
 
+from eb_jax.lowp import FP32, Precision
 from eb_jax.models.preresnet import PreResNet
 from eb_jax.models.resnet import ResNet
 from eb_jax.models.vgg import VGG, VGG_CFGS
@@ -34,11 +35,13 @@ MODELS = {
 }
 
 
-def create_model(name: str, num_classes: int, conv_impl: str = "auto", **widths) -> nn.Module:
+def create_model(
+    name: str, num_classes: int, conv_impl: str = "auto", precision: Precision = FP32, **widths
+) -> nn.Module:
     """Builds a registered model; `widths` override its dense per-layer widths."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
-    return MODELS[name](num_classes=num_classes, conv_impl=conv_impl, **widths)
+    return MODELS[name](num_classes=num_classes, conv_impl=conv_impl, precision=precision, **widths)
 
 
 def model_widths(model: nn.Module) -> dict:

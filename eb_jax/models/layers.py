@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from eb_jax.lowp import FP32, Precision, quantize_activation
+
 CONV_IMPLS = ("auto", "xla", "patches")
 
 # He fan-out normal, untruncated: PyTorch `normal_(0, sqrt(2 / (k*k*out)))` in the original.
@@ -51,7 +53,11 @@ def resolve_conv_impl(impl: str, height: int, width: int, kernel_size: int) -> s
 
 
 class Conv(nn.Module):
-    """Square bias-free 2-D convolution over NHWC inputs with symmetric zero padding."""
+    """Square bias-free 2-D convolution over NHWC inputs with symmetric zero padding.
+
+    Computes in the input's dtype. With a 'bfp8' `precision` its output (and the error
+    coming back) is quantised, stochastically where the 'quant' RNG stream is given.
+    """
 
     features: int
     kernel_size: int = 3
@@ -59,9 +65,18 @@ class Conv(nn.Module):
     padding: int | None = None  # default: kernel_size // 2 ("same" for odd kernels)
     impl: str = "auto"
     kernel_init: Any = he_fan_out
+    precision: Precision = FP32
 
     @nn.compact
     def __call__(self, x):
+        y = self._convolve(x)
+        if not self.precision.quantized:
+            return y
+        fmt = self.precision.bfp
+        key = self.make_rng("quant") if fmt.stochastic and self.has_rng("quant") else None
+        return quantize_activation(y, fmt, key)
+
+    def _convolve(self, x):
         k, s = self.kernel_size, self.stride
         pad = k // 2 if self.padding is None else self.padding
         in_features = x.shape[-1]
@@ -91,24 +106,33 @@ def _im2col(x, k: int, stride: int, pad: int):
 
 
 def pooled_torch_linear(x, num_classes: int, name: str = "fc"):
-    """Global average pool, then a Linear head with PyTorch's default init.
+    """Global average pool, then a Linear head with PyTorch's default init; fp32 logits.
 
     Call inside a parent's compact method (the Dense becomes its submodule `name`).
     """
     x = jnp.mean(x, axis=(1, 2))
     init = torch_linear_init(x.shape[-1])
-    return nn.Dense(num_classes, kernel_init=init, bias_init=init, name=name)(x)
+    head = nn.Dense(num_classes, kernel_init=init, bias_init=init, dtype=x.dtype, name=name)
+    return head(x).astype(jnp.float32)
 
 
-def batch_norm(train: bool, scale_init: float, name: str | None = None) -> nn.BatchNorm:
-    """BatchNorm with PyTorch's defaults: momentum 0.1 (Flax 0.9), epsilon 1e-5.
+# PyTorch's BN momentum 0.1: Flax's running average keeps this fraction of the old value.
+BN_MOMENTUM = 0.9
+
+
+def batch_norm(
+    train: bool, scale_init: float, name: str | None = None, dtype=jnp.float32
+) -> nn.BatchNorm:
+    """BatchNorm with PyTorch's defaults: momentum 0.1 (Flax 0.9), epsilon 1e-5; output
+    in `dtype`, statistics always in fp32.
 
     Unlike PyTorch, Flax keeps the biased batch variance in its running estimate.
     """
     return nn.BatchNorm(
         use_running_average=not train,
-        momentum=0.9,
+        momentum=BN_MOMENTUM,
         epsilon=1e-5,
         scale_init=nn.initializers.constant(scale_init),
+        dtype=dtype,
         name=name,
     )

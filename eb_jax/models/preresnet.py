@@ -8,11 +8,13 @@ block and gathers a subset of its input channels after the block-input BN (`sele
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from eb_jax.lowp import FP32, Precision
 from eb_jax.models.layers import Conv, batch_norm, pooled_torch_linear
 
 EXPANSION = 4
@@ -47,6 +49,7 @@ class PreResNet(nn.Module):
     selections: tuple | None = None  # len = number of blocks + 1 (the head's)
     conv_impl: str = "auto"
     bn_scale_init: float = 0.5
+    precision: Precision = FP32
 
     WIDTH_FIELDS = ("inner_widths", "selections")
 
@@ -74,21 +77,24 @@ class PreResNet(nn.Module):
     def __call__(self, x, train: bool = False):
         inner, selections = self._widths()
         n = blocks_per_stage(self.depth)
-        x = Conv(16, 3, impl=self.conv_impl, name="conv_stem")(x)
+        dtype = self.precision.compute_dtype
+        conv = functools.partial(Conv, impl=self.conv_impl, precision=self.precision)
+        bn = functools.partial(batch_norm, train, self.bn_scale_init, dtype=dtype)
+        x = conv(16, 3, name="conv_stem")(x.astype(dtype))
         for i, name in enumerate(self.block_names()):
             stage, b = divmod(i, n)
             planes, stride = STAGE_PLANES[stage], (2 if stage > 0 and b == 0 else 1)
             c1, c2 = inner[i]
-            out = batch_norm(train, self.bn_scale_init, name=f"{name}_bn1")(x)
+            out = bn(name=f"{name}_bn1")(x)
             out = nn.relu(_select(out, selections[i]))
-            out = Conv(c1, 1, impl=self.conv_impl, name=f"{name}_conv1")(out)
-            out = nn.relu(batch_norm(train, self.bn_scale_init, name=f"{name}_bn2")(out))
-            out = Conv(c2, 3, stride, impl=self.conv_impl, name=f"{name}_conv2")(out)
-            out = nn.relu(batch_norm(train, self.bn_scale_init, name=f"{name}_bn3")(out))
-            out = Conv(planes * EXPANSION, 1, impl=self.conv_impl, name=f"{name}_conv3")(out)
+            out = conv(c1, 1, name=f"{name}_conv1")(out)
+            out = nn.relu(bn(name=f"{name}_bn2")(out))
+            out = conv(c2, 3, stride, name=f"{name}_conv2")(out)
+            out = nn.relu(bn(name=f"{name}_bn3")(out))
+            out = conv(planes * EXPANSION, 1, name=f"{name}_conv3")(out)
             if b == 0:  # in_planes != 4*planes or stride 2: a bare 1x1 conv on the raw input
-                x = Conv(planes * EXPANSION, 1, stride, 0, self.conv_impl, name=f"{name}_down")(x)
+                x = conv(planes * EXPANSION, 1, stride, 0, name=f"{name}_down")(x)
             x = out + x
-        x = batch_norm(train, self.bn_scale_init, name="bn_final")(x)
+        x = bn(name="bn_final")(x)
         x = nn.relu(_select(x, selections[-1]))
         return pooled_torch_linear(x, self.num_classes)

@@ -8,8 +8,11 @@ widths of every block, so a pruned ResNet is the same class with smaller numbers
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 
+from eb_jax.lowp import FP32, Precision
 from eb_jax.models.layers import Conv, batch_norm, pooled_torch_linear
 
 BLOCK_KINDS = ("basic", "bottleneck")
@@ -39,6 +42,7 @@ class ResNet(nn.Module):
     inner_widths: tuple | None = None
     conv_impl: str = "auto"
     bn_scale_init: float = 1.0
+    precision: Precision = FP32
 
     WIDTH_FIELDS = ("stem_width", "stage_widths", "inner_widths")
 
@@ -78,9 +82,11 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         stem, stages, inner = self._widths()
-        impl, scale0 = self.conv_impl, self.bn_scale_init
-        x = Conv(stem, 7, 2, 3, impl, name="stem_conv")(x)
-        x = nn.relu(batch_norm(train, scale0, name="stem_bn")(x))
+        dtype = self.precision.compute_dtype
+        conv = functools.partial(Conv, impl=self.conv_impl, precision=self.precision)
+        bn = functools.partial(batch_norm, train, self.bn_scale_init, dtype=dtype)
+        x = conv(stem, 7, 2, 3, name="stem_conv")(x.astype(dtype))
+        x = nn.relu(bn(name="stem_bn")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         i = 0
         for s, n in enumerate(self.stage_sizes):
@@ -93,13 +99,13 @@ class ResNet(nn.Module):
                         k, st = (3, stride) if j == 1 else (1, 1)
                     else:
                         k, st = 3, (stride if j == 0 else 1)
-                    out = Conv(width, k, st, impl=impl, name=f"{name}_conv{j + 1}")(out)
-                    out = batch_norm(train, scale0, name=f"{name}_bn{j + 1}")(out)
+                    out = conv(width, k, st, name=f"{name}_conv{j + 1}")(out)
+                    out = bn(name=f"{name}_bn{j + 1}")(out)
                     if j < len(widths) - 1:
                         out = nn.relu(out)
                 if self.has_downsample(s, b):
-                    x = Conv(stages[s], 1, stride, 0, impl, name=f"{name}_down_conv")(x)
-                    x = batch_norm(train, scale0, name=f"{name}_down_bn")(x)
+                    x = conv(stages[s], 1, stride, 0, name=f"{name}_down_conv")(x)
+                    x = bn(name=f"{name}_down_bn")(x)
                 x = nn.relu(out + x)
                 i += 1
         return pooled_torch_linear(x, self.num_classes)

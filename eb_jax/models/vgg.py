@@ -10,7 +10,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from eb_jax.models.layers import Conv, batch_norm, he_fan_out
+from eb_jax.lowp import FP32, Precision
+from eb_jax.models.layers import Conv, batch_norm
 
 VGG_CFGS = {
     11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512),
@@ -28,6 +29,7 @@ class VGG(nn.Module):
     num_classes: int = 10
     conv_impl: str = "auto"
     bn_scale_init: float = 0.5
+    precision: Precision = FP32
 
     WIDTH_FIELDS = ("cfg",)
 
@@ -40,13 +42,14 @@ class VGG(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        i = 0
+        dtype, i = self.precision.compute_dtype, 0
+        x = x.astype(dtype)
         for c in self.cfg:
             if c == "M":
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
                 continue
-            x = Conv(c, 3, impl=self.conv_impl, kernel_init=he_fan_out, name=f"conv{i}")(x)
-            x = batch_norm(train, self.bn_scale_init, name=f"bn{i}")(x)
+            conv = Conv(c, 3, impl=self.conv_impl, precision=self.precision, name=f"conv{i}")
+            x = batch_norm(train, self.bn_scale_init, name=f"bn{i}", dtype=dtype)(conv(x))
             x = nn.relu(x)
             i += 1
         # The original's AvgPool2d(2) on the final 2x2 CIFAR map is this global mean.
@@ -55,5 +58,6 @@ class VGG(nn.Module):
             self.num_classes,
             kernel_init=nn.initializers.normal(0.01),
             bias_init=nn.initializers.zeros,
+            dtype=dtype,
             name="classifier",
-        )(x)
+        )(x).astype(jnp.float32)
