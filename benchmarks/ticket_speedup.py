@@ -6,7 +6,7 @@ network prunes its later layers harder; this spreads the cut evenly). Each netwo
 train step is compiled, its FLOPs read from XLA's cost analysis, and the dense and ticket
 steps are timed interleaved. Goal: speedup >= 0.9 x the FLOPs ratio for VGG16 on CPU.
 
-    python benchmarks/ticket_speedup.py [--models vgg16 preresnet101] [--steps 5]
+    python benchmarks/ticket_speedup.py [--models vgg16 preresnet101] [--steps 5] [--round-to 8]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _step_runner(model, variables, batch):
     return run, flops
 
 
-def benchmark(name: str, ratios, steps: int, batch_size: int):
+def benchmark(name: str, ratios, steps: int, batch_size: int, round_to: int = 0):
     model = create_model(name, 10)
     variables = train.init_variables(model, jax.random.key(0), (32, 32, 3))
     rng = np.random.default_rng(0)
@@ -59,7 +59,7 @@ def benchmark(name: str, ratios, steps: int, batch_size: int):
     runners = {"dense": _step_runner(model, variables, batch)}
     for ratio in ratios:
         masks = channel_mask(bn_scales(model, params), ratio)
-        narrow, narrow_variables, _ = cut_ticket(model, variables, masks)
+        narrow, narrow_variables, _ = cut_ticket(model, variables, masks, round_to=round_to)
         runners[f"p={ratio}"] = _step_runner(narrow, narrow_variables, batch)
     times = {key: [] for key in runners}
     for _ in range(steps):
@@ -68,13 +68,14 @@ def benchmark(name: str, ratios, steps: int, batch_size: int):
             run()
             times[key].append(time.perf_counter() - start)
     dense_time, dense_flops = statistics.median(times["dense"]), runners["dense"][1]
-    print(f"{name}, batch {batch_size}: dense {1000 * dense_time:.0f} ms/step")
+    rounded = f", kept counts rounded up to x{round_to}" if round_to else ""
+    print(f"{name}, batch {batch_size}{rounded}: dense {1000 * dense_time:.1f} ms/step")
     for key in runners:
         if key == "dense":
             continue
         t, flops = statistics.median(times[key]), runners[key][1]
         speedup, flop_ratio = dense_time / t, dense_flops / flops
-        print(f"  {key}: {1000 * t:6.0f} ms/step  speedup {speedup:5.2f}x  FLOPs ratio "
+        print(f"  {key}: {1000 * t:7.1f} ms/step  speedup {speedup:5.2f}x  FLOPs ratio "
               f"{flop_ratio:5.2f}x  speedup / FLOPs ratio {speedup / flop_ratio:.2f}")  # fmt: skip
 
 
@@ -84,10 +85,11 @@ def main():
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--round-to", type=int, default=0, help="8 for GPU, 128 for TPU")
     args = parser.parse_args()
     print(f"backend: {jax.default_backend()} ({platform.describe()}), median of {args.steps}")
     for name in args.models:
-        benchmark(name, args.ratios, args.steps, args.batch)
+        benchmark(name, args.ratios, args.steps, args.batch, args.round_to)
 
 
 if __name__ == "__main__":
