@@ -175,3 +175,5 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ConfigError(
             f"swa_start_epoch={config.swa_start_epoch} must be in [0, num_epochs) (0: no SWA)"
         )
+    if config.swa_start_epoch and config.keep_searching:
+        raise ConfigError("swa_start_epoch needs a final stage; keep_searching ends with none")

@@ -53,10 +53,10 @@ def run(config, workdir: str) -> dict:
     checkpointer = Checkpointer(workdir, config.checkpoints_to_keep, config.async_checkpoints)
     trainer = None
     try:
-        model, state, search, meta = _start_or_resume(config, data, checkpointer, workdir)
+        model, state, search, meta, swa = _start_or_resume(config, data, checkpointer, workdir)
         stage = meta["stage"] if meta else ("search" if search else "dense")
         trainer = _trainer(config, data, model, workdir, state, checkpointer, search, meta, stage,
-                           meta.get("retrain_from_step", 0) if meta else 0)  # fmt: skip
+                           meta.get("retrain_from_step", 0) if meta else 0, swa=swa)  # fmt: skip
         if stage == "search":
             init_dir = os.path.join(workdir, "init")
             # Kept for 'rewind'; a run killed before its first checkpoint has it already
@@ -71,7 +71,8 @@ def run(config, workdir: str) -> dict:
                 trainer = _cut_for_retraining(config, data, trainer, search, checkpointer, workdir)
         for epoch in range(trainer.epoch, trainer.end_epoch):
             trainer.train_epoch(epoch)
-        record = _report(config, data, trainer, search, workdir)
+        swa_metrics = _finish_swa(config, data, trainer, workdir) if trainer.swa_count else None
+        record = _report(config, data, trainer, search, workdir, swa_metrics)
     finally:
         if trainer is not None:
             trainer.writer.close()
@@ -80,7 +81,7 @@ def run(config, workdir: str) -> dict:
 
 
 def _trainer(config, data, model, workdir, state, checkpointer, search, meta, stage,
-             retrain_from: int, before: Trainer | None = None) -> Trainer:  # fmt: skip
+             retrain_from: int, before: Trainer | None = None, swa=None) -> Trainer:  # fmt: skip
     """The Trainer for `stage`; a retraining stage starts at step `retrain_from`."""
     end_epoch, lr_origin = config.num_epochs, 0
     extra = {}
@@ -91,7 +92,8 @@ def _trainer(config, data, model, workdir, state, checkpointer, search, meta, st
     return Trainer(config, data, model, workdir, state, checkpointer, search, meta, stage=stage,
                    extra_meta=extra, end_epoch=end_epoch, lr_origin=lr_origin,
                    wall_time_s=before.wall_time() if before else 0.0,
-                   compile_time_s=before.compile_time_s if before else 0.0)  # fmt: skip
+                   compile_time_s=before.compile_time_s if before else 0.0,
+                   swa_params=swa)  # fmt: skip
 
 
 def _optimizer(config, steps_per_epoch: int, stage: str, start_step: int):
@@ -144,11 +146,24 @@ def _cut_for_retraining(config, data, trainer, search, checkpointer, workdir) ->
     return retrainer
 
 
-def _report(config, data, trainer: Trainer, search, workdir: str) -> dict:
+def _finish_swa(config, data, trainer: Trainer, workdir: str) -> dict:
+    """The SWA model's accuracy; its variables exported to WORKDIR/swa (load_ticket)."""
+    metrics, variables = trainer.swa_result()
+    if jax.process_index() == 0:
+        save_ticket(os.path.join(workdir, "swa"), config.model, trainer.model, variables,
+                    data.num_classes, data.spec.image_shape)  # fmt: skip
+    trainer.writer.write_scalars(trainer.step, {"swa/test_accuracy": metrics["accuracy"]})
+    return metrics
+
+
+def _report(config, data, trainer: Trainer, search, workdir: str, swa_metrics=None) -> dict:
     """What the run cost and what it got (PAPER.md §8); written to report.json."""
     final = trainer.last_metrics.get("test_accuracy")
     if final is None:  # nothing left to train (a finished run started again)
         final = trainer.evaluate()["accuracy"]
+    last = final
+    if swa_metrics is not None:  # the averaged weights are the run's final model
+        final = swa_metrics["accuracy"]
     shape, images = data.spec.image_shape, trainer.steps_per_epoch * config.batch_size
     dense = cost.forward_cost(_new_model(config, data.num_classes), shape)
     cut = cost.forward_cost(trainer.model, shape) if trainer.stage == "retrain" else dense
@@ -170,6 +185,13 @@ def _report(config, data, trainer: Trainer, search, workdir: str) -> dict:
         "ticket_epoch": ticket.epoch if ticket else None,
         "ticket_drawn_by": _drawn_by(config, ticket) if ticket else None,
         "test_accuracy": final,
+        "swa": {
+            "start_epoch": config.swa_start_epoch,
+            "epochs_averaged": trainer.swa_count,
+            "test_accuracy_without": last,
+        }
+        if swa_metrics
+        else None,  # fmt: skip
         "params": {"dense": dense.params, "final": cut.params},
         "forward_flops": {"dense": dense.flops, "final": cut.flops},
         "forward_macs": {"dense": dense.macs, "final": cut.macs},
@@ -178,6 +200,7 @@ def _report(config, data, trainer: Trainer, search, workdir: str) -> dict:
                 "stage": name,
                 "epochs": epochs,
                 "images_per_epoch": images,
+                "precision": stage_precision(config, name).name,
                 "forward_flops": c.flops,
                 "training_pflops": cost.training_flops(c.flops, images, epochs) / 1e15,
             }
@@ -232,8 +255,8 @@ def _new_search(config, model, input_shape) -> TicketSearch | None:
 
 
 def _start_or_resume(config, data, checkpointer, workdir):
-    """(model, TrainState, TicketSearch or None, meta or None) fresh or from the newest
-    readable checkpoint; the model is rebuilt from the checkpoint's widths first."""
+    """(model, TrainState, TicketSearch or None, meta or None, SWA average or None) fresh
+    or from the newest readable checkpoint; the model is rebuilt from its widths first."""
     steps_per_epoch = data_lib.input_pipeline.steps_per_epoch(data, config.batch_size)
     if steps_per_epoch == 0:
         raise ConfigError(
@@ -257,11 +280,13 @@ def _start_or_resume(config, data, checkpointer, workdir):
         target = {"train": flax.serialization.to_state_dict(built["parts"][1])}
         if search is not None and meta.get("search"):
             target["search"] = search.arrays_like(len(meta["search"]["epochs"]))
+        if meta.get("swa_count"):
+            target["swa"] = target["train"]["params"]
         return target
 
     restored = checkpointer.restore(target_for)
     if restored is None:
-        return (*fresh("search" if search else "dense"), search, None)
+        return (*fresh("search" if search else "dense"), search, None, None)
     step, arrays, meta = restored
     model, state = built["parts"]
     state = flax.serialization.from_state_dict(state, arrays["train"])
@@ -271,7 +296,7 @@ def _start_or_resume(config, data, checkpointer, workdir):
         "resuming the run in %s from its checkpoint at step %d (epoch %d, stage %s)",
         workdir, step, meta["epoch"], meta["stage"],
     )  # fmt: skip
-    return model, state, search, meta
+    return model, state, search, meta, arrays.get("swa")
 
 
 def search_ticket(config, trainer: Trainer, search: TicketSearch, workdir: str):

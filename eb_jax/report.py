@@ -99,8 +99,8 @@ def plot_mask_distances(search, path: str) -> None:
 # --- The run's report (PAPER.md §8, Table 2): report.json, a table, a cost chart ---
 
 REPORT_FILE = "report.json"
-_COLUMNS = ("run", "method", "p", "ticket", "test acc", "PFLOPs", "vs dense", "wall time",
-            "params")  # fmt: skip
+_COLUMNS = ("run", "method", "p", "precision", "ticket", "test acc", "PFLOPs", "vs dense",
+            "wall time", "params")  # fmt: skip
 
 _DRAWN_BY = {"ticket_epoch": " fixed", "no emergence": " none", "full search": " final"}
 
@@ -152,8 +152,9 @@ def format_table(records: list[dict]) -> str:
             r["run"],
             r["method"] + (f"/{r['retrain']}" if r["method"] == "eb" and r["retrain"] else ""),
             "-" if r["prune_ratio"] is None else f"{r['prune_ratio']:g}",
+            _precision(r),
             ticket,
-            f"{100 * r['test_accuracy']:.2f}%",
+            f"{100 * r['test_accuracy']:.2f}%" + (" swa" if r.get("swa") else ""),
             _format_pflops(r["training_pflops"]),
             f"{r['training_pflops'] / dense_run:.2f}x" if dense_run else "-",
             format_duration(r["wall_time_s"]),
@@ -164,6 +165,12 @@ def format_table(records: list[dict]) -> str:
              for row in rows]  # fmt: skip
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _precision(record: dict) -> str:
+    """The stages' number formats in order, e.g. 'bfp8/fp32' (the paper's LF)."""
+    names = [s.get("precision", "fp32") for s in record["stages"]]
+    return names[0] if len(set(names)) == 1 else "/".join(names)
 
 
 def _schedule_epochs(record: dict) -> int:

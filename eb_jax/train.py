@@ -16,6 +16,7 @@ import optax
 from flax.training import train_state
 
 from eb_jax import lowp
+from eb_jax.models.layers import BN_MOMENTUM
 
 
 class TrainState(train_state.TrainState):
@@ -157,6 +158,26 @@ def train_step(state: TrainState, batch, axis_name: str | None = None,
     if axis_name is not None:
         metrics = jax.lax.psum(metrics, axis_name)
     return state, metrics
+
+
+def bn_statistics_step(state: TrainState, batch, axis_name: str | None = None):
+    """The BatchNorm batch statistics of `batch` under `state.params` (for SWA)."""
+    zeros = jax.tree.map(jnp.zeros_like, state.batch_stats)
+    _, updates = state.apply_fn(
+        {"params": state.params, "batch_stats": zeros}, batch["image"], train=True,
+        mutable=["batch_stats"],
+    )  # fmt: skip
+    # From zero, a running average holds (1 - momentum) x the batch's statistics.
+    stats = jax.tree.map(lambda s: s / (1 - BN_MOMENTUM), updates["batch_stats"])
+    if axis_name is not None:
+        stats = jax.lax.pmean(stats, axis_name)
+    return stats
+
+
+def swa_update(average, params, count):
+    """The running mean of `count` weight snapshots with `params` added (SWALP's formula)."""
+    alpha = 1.0 / (count + 1)
+    return jax.tree.map(lambda a, p: a * (1.0 - alpha) + p * alpha, average, params)
 
 
 def eval_step(state: TrainState, batch, axis_name: str | None = None):

@@ -33,10 +33,11 @@ class Trainer:
     def __init__(self, config, data, model, workdir, state, checkpointer=None, search=None,
                  meta=None, stage: str = "dense", extra_meta: dict | None = None,
                  end_epoch: int | None = None, lr_origin: int = 0,
-                 wall_time_s: float = 0.0, compile_time_s: float = 0.0):  # fmt: skip
+                 wall_time_s: float = 0.0, compile_time_s: float = 0.0,
+                 swa_params=None):  # fmt: skip
         """`end_epoch`: where this stage ends (default num_epochs); `lr_origin`: the step
         at which the LR schedule starts; `wall_time_s`, `compile_time_s`: the run's wall
-        time and compilation time so far."""
+        time and compilation time so far; `swa_params`: the weight average so far."""
         self.config, self.data, self.model = config, data, model
         self.stage, self.extra_meta = stage, extra_meta or {}
         self.end_epoch = config.num_epochs if end_epoch is None else end_epoch
@@ -57,6 +58,10 @@ class Trainer:
         self.wall_time_before = (meta or {}).get("wall_time_s", wall_time_s)
         self.compile_time_s = (meta or {}).get("compile_time_s", compile_time_s)
         self.compile_time_s += self._compile()
+        # SWA in the stage that trains to the end (a searched network is cut afterwards).
+        self.swa_start = config.swa_start_epoch if stage in ("dense", "retrain") else 0
+        self.swa_count = (meta or {}).get("swa_count", 0)
+        self.swa_params = None if swa_params is None else parallel.replicate(swa_params)
         logger.info(
             "%s on %s: %d train / %d test images, %d steps/epoch, %s, workdir %s",
             config.model, config.dataset, len(data.train), len(data.eval),
@@ -124,6 +129,8 @@ class Trainer:
         train_time = time.perf_counter() - epoch_start
         self._check_finite()
         self.state = parallel.sync_batch_stats(self.state)
+        if self.swa_start and epoch - self.lr_origin // self.steps_per_epoch >= self.swa_start:
+            self._average_weights()
         test = self.evaluate()
         trained = _rates(self.sums)
         elapsed = time.perf_counter() - self.start_time
@@ -152,15 +159,45 @@ class Trainer:
         self.save()
         return metrics
 
-    def evaluate(self) -> dict:
-        """Loss and accuracy over the whole eval split."""
+    def evaluate(self, state=None) -> dict:
+        """Loss and accuracy over the whole eval split (of `state`, default the trained)."""
+        state = self.state if state is None else state
         sums = None
         for batch in data_lib.eval_batches(self.data, self.config.eval_batch_size):
-            metrics = self.p_eval(self.state, parallel.shard(batch))
+            metrics = self.p_eval(state, parallel.shard(batch))
             if self.wait:
                 jax.block_until_ready(metrics)
             sums = _accumulate(sums, metrics)
         return _rates(sums)
+
+    def _average_weights(self) -> None:
+        if self.swa_count == 0:  # a copy: the train step donates (frees) the state's
+            self.swa_params = jax.tree.map(jax.numpy.copy, self.state.params)
+        else:
+            self.swa_params = _p_swa_update(self.swa_params, self.state.params, self.swa_count)
+        self.swa_count += 1
+
+    def swa_result(self) -> tuple[dict, dict]:
+        """The weight average with BN statistics recomputed over one pass of the training
+        data: (its eval metrics, its variables on the host)."""
+        state = self.state.replace(params=self.swa_params)
+        p_stats = parallel.pmap_step(train.bn_statistics_step, donate_state=False)
+        config = self.config
+        batches = data_lib.train_batches(
+            self.data, config.batch_size, config.seed, self.end_epoch,
+            num_threads=config.num_data_threads,
+        )  # fmt: skip
+        sums, count = None, 0
+        for batch in batches:
+            stats = p_stats(state, parallel.shard(batch))
+            sums = stats if sums is None else jax.tree.map(jax.numpy.add, sums, stats)
+            count += 1
+        state = state.replace(batch_stats=jax.tree.map(lambda s: s / count, sums))
+        metrics = self.evaluate(state)
+        host = parallel.unreplicate(state)
+        logger.info("SWA over %d epochs: test %.2f%% (BN statistics recomputed)",
+                    self.swa_count, 100 * metrics["accuracy"])  # fmt: skip
+        return metrics, {"params": host.params, "batch_stats": host.batch_stats}
 
     def save(self) -> None:
         """Checkpoints the state, the search, the stage and the position (once per step)."""
@@ -186,6 +223,8 @@ class Trainer:
         }
         if self.search is not None:
             arrays["search"], meta["search"] = self.search.state_dict()
+        if self.swa_count:
+            arrays["swa"], meta["swa_count"] = parallel.unreplicate(self.swa_params), self.swa_count
         self.checkpointer.save(self.step, arrays, meta)
         self.last_saved = self.step
 
@@ -209,6 +248,9 @@ class Trainer:
             (done - first) * self.config.batch_size / elapsed,
             report.format_duration(elapsed / (done - first) * (self.steps_per_epoch - done)),
         )  # fmt: skip
+
+
+_p_swa_update = jax.pmap(train.swa_update, in_axes=(0, 0, None))
 
 
 def _accumulate(sums, device_metrics) -> dict:

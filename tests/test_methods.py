@@ -142,11 +142,11 @@ def test_report_compares_runs_in_one_table_and_a_chart(runs, tmp_path, capsys):
     dirs = [str(runs[m][0]) for m in ("dense", "ns", "lt")]
     assert report.main([*dirs, "--plot", str(tmp_path / "cost.png")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:4] == ["run", "method", "p", "ticket"]
+    assert lines[0].split()[:5] == ["run", "method", "p", "precision", "ticket"]
     rows = {line.split()[0]: line.split() for line in lines[2:5]}
-    assert rows["dense"][6] == "1.00x"  # vs dense
-    assert rows["ns"][3:5] == [str(EPOCHS), "final"]
-    assert float(rows["ns"][7].rstrip("x")) > 1  # a full dense search, then more
+    assert rows["dense"][7] == "1.00x"  # vs dense
+    assert rows["ns"][4:6] == [str(EPOCHS), "final"]
+    assert float(rows["ns"][8].rstrip("x")) > 1  # a full dense search, then more
     assert (tmp_path / "cost.png").stat().st_size > 5_000
     assert (runs["ns"][0] / "cost.png").exists()
 
