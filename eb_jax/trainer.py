@@ -57,7 +57,8 @@ class Trainer:
         self.start_time, self.start_step, self.last_metrics = time.perf_counter(), self.step, {}
         self.wall_time_before = (meta or {}).get("wall_time_s", wall_time_s)
         self.compile_time_s = (meta or {}).get("compile_time_s", compile_time_s)
-        self.compile_time_s += self._compile()
+        self.compiling_s = self._compile()  # this Trainer's (not in its ETA)
+        self.compile_time_s += self.compiling_s
         # SWA in the stage that trains to the end (a searched network is cut afterwards).
         self.swa_start = config.swa_start_epoch if stage in ("dense", "retrain") else 0
         self.swa_count = (meta or {}).get("swa_count", 0)
@@ -133,7 +134,7 @@ class Trainer:
             self._average_weights()
         test = self.evaluate()
         trained = _rates(self.sums)
-        elapsed = time.perf_counter() - self.start_time
+        elapsed = time.perf_counter() - self.start_time - self.compiling_s
         steps_left = self.end_epoch * self.steps_per_epoch - self.step
         eta = elapsed / max(self.step - self.start_step, 1) * steps_left
         lr = train.lr_schedule(
