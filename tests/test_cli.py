@@ -56,7 +56,7 @@ def test_quickstart_runs_eb_train_end_to_end(tmp_path, data_dir):
     ]  # fmt: skip
     assert report["test_accuracy"] == metrics[-1]["test_accuracy"]
     assert report["params"]["dense"] == 288170 > report["params"]["final"]
-    assert "run  method      p    ticket  test acc  PFLOPs" in out  # the report's table
+    assert "run  method      p    precision  ticket  test acc  PFLOPs" in out  # the table
     assert (workdir / "cost.png").stat().st_size > 5_000
 
 

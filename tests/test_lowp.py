@@ -147,7 +147,7 @@ def _state(precision, config=None, model="vgg_tiny"):
     return train.create_train_state(net, jax.random.key(0), (8, 8, 1), tx)
 
 
-@pytest.mark.parametrize("model", ["vgg_tiny", "preresnet_tiny"])
+@pytest.mark.parametrize("model", ["vgg_tiny"])  # the quantisers live in the shared Conv
 def test_model_gradients_at_24_bits_match_fp32(model):
     def grads(precision):
         state = _state(precision, model=model)
@@ -174,10 +174,12 @@ def _quantised_step(seed=0, steps=2):
 
 
 def test_bfp_step_is_seeded_and_keeps_weights_and_momentum_in_the_format():
-    state, again, other = _quantised_step(0), _quantised_step(0), _quantised_step(1)
+    state, again = _quantised_step(0), _quantised_step(0)
     jax.tree.map(np.testing.assert_array_equal, state.params, again.params)
-    differs = jax.tree.map(lambda x, y: bool(np.any(x != y)), state.params, other.params)
-    assert any(jax.tree.leaves(differs))
+    keys = [lowp.stream_key(seed, lowp.WEIGHTS, 0) for seed in (0, 0, 1)]
+    x = np.linspace(-1, 1, 64, dtype=np.float32)[None]
+    a, b, c = (lowp.quantize_tree({"w": x}, 8, k)["w"] for k in keys)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)  # the seed drives the rounding
     trace = next(s for s in state.opt_state if isinstance(s, lowp.QuantizedTraceState)).trace
     for tree in (state.params, trace):
         jax.tree.map(np.testing.assert_array_equal, lowp.quantize_tree(tree, 8), tree)
@@ -228,8 +230,8 @@ def test_bf16_computes_in_bf16_and_keeps_fp32_weights_and_statistics():
     jaxpr = str(jax.make_jaxpr(lambda v: state.apply_fn(v, batch["image"]))(
         {"params": state.params, "batch_stats": state.batch_stats}))  # fmt: skip
     assert "conv_general_dilated" in jaxpr and "bf16[8,8,8,8]" in jaxpr
-    new, metrics = train.train_step(state, batch, precision=bf16)
-    ref, ref_metrics = train.train_step(reference, batch)
+    new, metrics = _jitted_step(bf16, 0)(state, batch)
+    ref, ref_metrics = _jitted_step(lowp.FP32, 0)(reference, batch)
     for tree in (new.params, new.batch_stats):
         assert all(x.dtype == np.float32 for x in jax.tree.leaves(tree))
     np.testing.assert_allclose(metrics["loss_sum"], ref_metrics["loss_sum"], rtol=2e-2)
