@@ -80,7 +80,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 1000  # plus one at every epoch end; 0: epoch ends only
     c.checkpoints_to_keep = 3
     c.async_checkpoints = True
-    c.num_data_threads = 4
+    c.num_data_threads = 4  # threads reading examples (per-example datasets: ImageNet)
+    c.num_data_workers = 0  # processes decoding + augmenting them; 0: in the threads
     return c
 
 

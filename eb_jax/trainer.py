@@ -109,7 +109,7 @@ class Trainer:
         epoch_start = time.perf_counter()
         batches = data_lib.train_batches(
             self.data, config.batch_size, config.seed, epoch, start_step=first,
-            num_threads=config.num_data_threads,
+            num_threads=config.num_data_threads, num_workers=config.num_data_workers,
         )  # fmt: skip
         if first == 0:
             self.sums = None
@@ -164,7 +164,11 @@ class Trainer:
         """Loss and accuracy over the whole eval split (of `state`, default the trained)."""
         state = self.state if state is None else state
         sums = None
-        for batch in data_lib.eval_batches(self.data, self.config.eval_batch_size):
+        config = self.config
+        batches = data_lib.eval_batches(self.data, config.eval_batch_size,
+                                        num_threads=config.num_data_threads,
+                                        num_workers=config.num_data_workers)  # fmt: skip
+        for batch in batches:
             metrics = self.p_eval(state, parallel.shard(batch))
             if self.wait:
                 jax.block_until_ready(metrics)
@@ -186,7 +190,7 @@ class Trainer:
         config = self.config
         batches = data_lib.train_batches(
             self.data, config.batch_size, config.seed, self.end_epoch,
-            num_threads=config.num_data_threads,
+            num_threads=config.num_data_threads, num_workers=config.num_data_workers,
         )  # fmt: skip
         sums, count = None, 0
         for batch in batches:

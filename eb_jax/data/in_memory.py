@@ -5,10 +5,14 @@ than a small network's train step (the quickstart: 0.4 ms per 8x8 digit, 30x the
 share). Here the decoded uint8 images are read once into one array; a batch is a fancy
 index into it, augmented and normalised for the whole batch at once. The order is a
 seeded permutation per epoch and the augmentation draws from a generator seeded by
-(seed, epoch, step), so resuming at any step replays the same batches.
+(seed, epoch, step), so resuming at any step replays the same batches, and batches can
+be prepared in parallel threads.
 """
 
 from __future__ import annotations
+
+import collections
+import concurrent.futures
 
 import numpy as np
 
@@ -56,18 +60,27 @@ def cifar_augment_batch(images: np.ndarray, rng: np.random.Generator) -> np.ndar
 
 
 def train_batches(source: ArraySource, spec, batch_size: int, epoch_seed: int, n_steps: int,
-                  start_step: int, process_index: int, process_count: int):  # fmt: skip
-    """This process's share of every global batch of the epoch from `start_step` on."""
+                  start_step: int, process_index: int, process_count: int,
+                  num_threads: int = 1):  # fmt: skip
+    """This process's share of every global batch of the epoch from `start_step` on,
+    prepared `num_threads` at a time ahead of the consumer (numpy releases the GIL)."""
     order = np.random.default_rng(epoch_seed).permutation(len(source))
-    for step in range(start_step, n_steps):
+
+    def batch(step: int) -> dict:
         indices = order[step * batch_size : (step + 1) * batch_size][process_index::process_count]
         images = source.images[indices]
         if spec.augment == "cifar":
             images = cifar_augment_batch(images, np.random.default_rng([epoch_seed, step]))
-        yield {
-            "image": normalize(images, spec.mean, spec.std),
-            "label": source.labels[indices],
-        }
+        return {"image": normalize(images, spec.mean, spec.std), "label": source.labels[indices]}
+
+    with concurrent.futures.ThreadPoolExecutor(max(num_threads, 1)) as pool:
+        ahead = collections.deque()
+        for step in range(start_step, n_steps):
+            ahead.append(pool.submit(batch, step))
+            if len(ahead) > 2 * num_threads:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
 
 
 def eval_batches(source: ArraySource, spec, local_batch: int, n_steps: int,

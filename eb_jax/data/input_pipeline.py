@@ -16,6 +16,7 @@ import math
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import flags
 from PIL import Image
 
 from eb_jax.data import digits, in_memory
@@ -168,27 +169,41 @@ def train_batches(
     process_index: int = 0,
     process_count: int = 1,
     num_threads: int = 4,
+    num_workers: int = 0,
 ):
     """This process's batches of epoch `epoch`, from step `start_step` on.
 
     The global order is a seeded permutation per epoch; process i takes every
-    process_count-th example of it, so processes see disjoint shards.
+    process_count-th example of it, so processes see disjoint shards. Per-example
+    datasets (ImageNet) are read by `num_threads` threads and, with `num_workers`,
+    decoded and augmented in that many worker processes, in the same order.
     """
     local_batch = batch_size // process_count
     n_steps = steps_per_epoch(data, batch_size)
     if isinstance(data.train, in_memory.ArraySource):
         return in_memory.train_batches(data.train, data.spec, batch_size,
                                        _epoch_seed(seed, epoch), n_steps, start_step,
-                                       process_index, process_count)  # fmt: skip
+                                       process_index, process_count, num_threads)  # fmt: skip
     ds = grain.MapDataset.source(data.train).shuffle(seed=_epoch_seed(seed, epoch))
     ds = ds[process_index::process_count]
     ds = ds.random_map(_train_transform(data.spec), seed=_epoch_seed(seed, epoch))
     ds = ds.batch(local_batch, drop_remainder=True)[start_step:n_steps]
+    return _iterate(ds, num_threads, num_workers)
+
+
+def _iterate(ds: grain.MapDataset, num_threads: int, num_workers: int):
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
-    return iter(ds.to_iter_dataset(options))
+    batches = ds.to_iter_dataset(options)
+    if num_workers:
+        if not flags.FLAGS.is_parsed():  # grain reads absl flags (parsed when run by main)
+            flags.FLAGS.mark_as_parsed()
+        options = grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2)
+        batches = batches.mp_prefetch(options)
+    return iter(batches)
 
 
-def eval_batches(data: Dataset, batch_size: int, process_index: int = 0, process_count: int = 1):
+def eval_batches(data: Dataset, batch_size: int, process_index: int = 0, process_count: int = 1,
+                 num_threads: int = 4, num_workers: int = 0):  # fmt: skip
     """Every eval example exactly once, in batches padded to `batch_size` (mask=False)."""
     local_batch = batch_size // process_count
     # Every process runs the same number of steps, padding with empty batches.
@@ -199,11 +214,12 @@ def eval_batches(data: Dataset, batch_size: int, process_index: int = 0, process
         yield from (_pad(batch, local_batch) for batch in batches)
         return
     ds = grain.MapDataset.source(data.eval)[process_index::process_count]
-    ds = ds.map(_eval_transform(data.spec)).batch(local_batch)
-    template = ds[0]
-    for i in range(n_steps):
-        batch = ds[i] if i < len(ds) else {k: v[:0] for k, v in template.items()}
-        yield _pad(batch, local_batch)
+    batches = _iterate(ds.map(_eval_transform(data.spec)).batch(local_batch), num_threads,
+                       num_workers)  # fmt: skip
+    empty = {"image": np.zeros((0, *data.spec.image_shape), np.float32),
+             "label": np.zeros((0,), np.int32)}  # fmt: skip
+    for _ in range(n_steps):
+        yield _pad(next(batches, empty), local_batch)
 
 
 def _pad(batch, size: int):
