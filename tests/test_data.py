@@ -108,3 +108,7 @@ def test_unknown_or_unprepared_dataset_is_a_clear_error(tmp_path):
         open_dataset("mnist")
     with pytest.raises(DataError, match="not prepared.*tfds build cifar10"):
         open_dataset("cifar10", str(tmp_path))
+    (tmp_path / "cifar10" / "3.0.2").mkdir(parents=True)  # built in TFDS's older format
+    (tmp_path / "cifar10" / "3.0.2" / "cifar10-train.tfrecord-00000-of-00001").write_bytes(b"")
+    with pytest.raises(DataError, match="as tfrecord: convert it with `tfds convert_format"):
+        open_dataset("cifar10", str(tmp_path))

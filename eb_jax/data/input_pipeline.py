@@ -17,6 +17,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
+from etils import epath
 from PIL import Image
 
 from eb_jax.data import digits, in_memory
@@ -85,15 +86,26 @@ def open_dataset(name: str, data_dir: str | None = None) -> Dataset:
             tfds.builder(spec.tfds_name, data_dir=data_dir).info.features["label"].num_classes
         )
     except Exception as e:  # tfds raises many types for a missing or unreadable dataset
+        where = data_dir or "the default TFDS data_dir"
+        if _has_tfrecords(data_dir, spec.tfds_name):
+            fix = (f"it is there as tfrecord: convert it with `tfds convert_format "
+                   f"--root_data_dir={data_dir} --out_file_format=array_record`")  # fmt: skip
+        else:
+            fix = (f"prepare it with `tfds build {spec.tfds_name} --data_dir=DIR "
+                   f"--file_format=array_record` and pass --config.data_dir=DIR")  # fmt: skip
         raise DataError(
-            f"dataset {spec.tfds_name!r} is not prepared as array_record in "
-            f"{data_dir or 'the default TFDS data_dir'} ({type(e).__name__}); prepare it with "
-            f"`tfds build {spec.tfds_name} --data_dir=DIR --file_format=array_record` and pass "
-            f"--config.data_dir=DIR"
+            f"dataset {spec.tfds_name!r} is not prepared as array_record in {where} "
+            f"({type(e).__name__}); {fix}"
         ) from None
     if spec.in_memory:
         train, eval_ = in_memory.ArraySource.read(train), in_memory.ArraySource.read(eval_)
     return Dataset(spec, train, eval_, num_classes)
+
+
+def _has_tfrecords(data_dir: str | None, name: str) -> bool:
+    if not data_dir:
+        return False
+    return any(epath.Path(data_dir, name).glob("*/*.tfrecord*"))
 
 
 def _normalize(image: np.ndarray, spec: DatasetSpec) -> np.ndarray:
