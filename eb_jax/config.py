@@ -74,6 +74,12 @@ def default_config() -> ml_collections.ConfigDict:
     # from this epoch of the final stage's schedule on, BN statistics recomputed for the
     # average, which is the run's final model (the paper: 140 of 160). 0: off.
     c.swa_start_epoch = 0
+    # Several processes (hosts) in one run through jax.distributed (README: multi-host).
+    # coordinator_address 'host:port' with num_processes and this process's process_id;
+    # or auto=True for the platform's own detection (Cloud TPU pod slices, SLURM).
+    c.distributed = ml_collections.ConfigDict(
+        {"coordinator_address": "", "num_processes": 1, "process_id": 0, "auto": False}
+    )
     c.conv_impl = "auto"  # 'auto' (fast path picked per backend), 'xla' or 'patches'
     c.cpu_xla_flags = True  # XLA's Eigen convolution on CPU (eb_jax.platform)
     c.log_every_steps = 100  # progress lines within an epoch
@@ -122,7 +128,7 @@ def retrain_mode(config) -> str | None:
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Raises ConfigError for values no run can use."""
+    """Raises ConfigError for values no run can use (`num_devices`: over all processes)."""
     for field in ("batch_size", "eval_batch_size"):
         value = config[field]
         if value <= 0 or value % num_devices:

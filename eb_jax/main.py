@@ -53,7 +53,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv) -> int:
     del argv
-    from eb_jax import pipeline, platform, report
+    from eb_jax import parallel, pipeline, platform, report
     from eb_jax.checkpoint import CheckpointError
     from eb_jax.config import ConfigError
     from eb_jax.data import DataError
@@ -61,6 +61,10 @@ def main(argv) -> int:
 
     config = _CONFIG[0].value
     platform.set_cpu_xla_flags(config.cpu_xla_flags)  # before JAX starts its backend
+    try:
+        parallel.initialize_distributed(config.distributed)
+    except (ValueError, RuntimeError) as e:
+        _fail(f"cannot join the distributed run: {' '.join(str(e).split())}")
     report.setup_logging()
     workdir = _WORKDIR.value or pipeline.default_workdir(
         config_flags.get_config_filename(flags.FLAGS["config"])

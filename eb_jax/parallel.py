@@ -1,4 +1,4 @@
-"""Data parallelism over the local devices with `pmap`, kept in one place.
+"""Data parallelism with `pmap` over the local devices of every process, kept in one place.
 
 Steps are written per device with an `axis_name`; a move to `jax.shard_map` changes only
 this module.
@@ -10,8 +10,34 @@ import functools
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 AXIS = "batch"
+
+
+def initialize_distributed(distributed) -> None:
+    """Joins this process to a multi-process run (config.distributed), before JAX's
+    backend starts; a single-process config does nothing."""
+    if distributed.coordinator_address:
+        n, i = distributed.num_processes, distributed.process_id
+        if n < 1 or not 0 <= i < n:
+            raise ValueError(f"distributed.process_id={i} must be in [0, num_processes={n})")
+        jax.distributed.initialize(distributed.coordinator_address, n, i)
+    elif distributed.auto:
+        jax.distributed.initialize()
+
+
+def check_same_on_all_processes(array, what: str) -> None:
+    """Fails loudly if `array` (host numpy) differs between the run's processes."""
+    if jax.process_count() > 1:
+        multihost_utils.assert_equal(array, f"the processes disagree on {what}")
+
+
+def process_zero_says(flag: bool) -> bool:
+    """Process 0's `flag` on every process (a decision taken from its filesystem view)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
 def pmap_step(step_fn, donate_state: bool = True):

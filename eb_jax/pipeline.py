@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eb_jax import cost, report, train
+from eb_jax import cost, parallel, report, train
 from eb_jax import data as data_lib
 from eb_jax.checkpoint import Checkpointer, check_config_matches, load_model
 from eb_jax.config import (
@@ -47,7 +47,7 @@ def run(config, workdir: str) -> dict:
 
     Returns the run's report (report.json): method, ticket, accuracy, cost, wall time.
     """
-    validate(config, jax.local_device_count())
+    validate(config, jax.device_count())
     data = data_lib.open_dataset(config.dataset, config.data_dir or None)
     _new_model(config, data.num_classes)  # an unknown model fails before the workdir is touched
     checkpointer = Checkpointer(workdir, config.checkpoints_to_keep, config.async_checkpoints)
@@ -61,7 +61,8 @@ def run(config, workdir: str) -> dict:
             init_dir = os.path.join(workdir, "init")
             # Kept for 'rewind'; a run killed before its first checkpoint has it already
             # (the same seed gives the same initialisation).
-            if retrain_mode(config) == "rewind" and not os.path.isdir(init_dir):
+            missing = parallel.process_zero_says(not os.path.isdir(init_dir))
+            if retrain_mode(config) == "rewind" and missing:
                 save_ticket(init_dir, config.model, model,
                             {"params": state.params, "batch_stats": state.batch_stats},
                             data.num_classes, data.spec.image_shape)  # fmt: skip
@@ -109,6 +110,9 @@ def _cut_for_retraining(config, data, trainer, search, checkpointer, workdir) ->
     """Cuts the ticket out of the searched network; a Trainer for the retraining stage."""
     ticket = search.ticket
     mode = retrain_mode(config)
+    parallel.check_same_on_all_processes(
+        np.concatenate([np.asarray(m, np.uint8) for m in ticket.masks]), "the ticket's masks"
+    )
     dense = jax.tree.map(lambda x: np.asarray(x[0]), trainer.state)
     dense_variables = {"params": dense.params, "batch_stats": dense.batch_stats}
     try:
@@ -149,9 +153,8 @@ def _cut_for_retraining(config, data, trainer, search, checkpointer, workdir) ->
 def _finish_swa(config, data, trainer: Trainer, workdir: str) -> dict:
     """The SWA model's accuracy; its variables exported to WORKDIR/swa (load_ticket)."""
     metrics, variables = trainer.swa_result()
-    if jax.process_index() == 0:
-        save_ticket(os.path.join(workdir, "swa"), config.model, trainer.model, variables,
-                    data.num_classes, data.spec.image_shape)  # fmt: skip
+    save_ticket(os.path.join(workdir, "swa"), config.model, trainer.model, variables,
+                data.num_classes, data.spec.image_shape)  # fmt: skip
     trainer.writer.write_scalars(trainer.step, {"swa/test_accuracy": metrics["accuracy"]})
     return metrics
 
@@ -309,6 +312,7 @@ def search_ticket(config, trainer: Trainer, search: TicketSearch, workdir: str):
             result = search.observe(epoch, trainer.bn_scales())
             _log_search(trainer, search, epoch, result)
         done = epoch == fixed if fixed else search.ticket is not None
+        parallel.check_same_on_all_processes(np.array([epoch, done]), "the search's state")
         if epoch == config.num_epochs or (done and not config.keep_searching):
             break
         trainer.train_epoch(epoch)

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+import jax
 import numpy as np
 
 from eb_jax.config import FULL_SEARCH_METHODS
@@ -25,7 +26,8 @@ def setup_logging() -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler._eb_jax = True
         logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    # One process speaks for a multi-process run; the others only report problems.
+    logger.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     logger.propagate = False
     import absl.logging
     import tensorflow_datasets as tfds

@@ -75,13 +75,20 @@ class Trainer:
         return self.step // self.steps_per_epoch
 
     def _compile(self) -> float:
-        """Compiles the train and eval steps ahead of time; returns the seconds it took."""
+        """Compiles the train and eval steps ahead of time; returns the seconds it took.
+
+        Multi-process runs compile at the first step instead (a multi-process pmap's
+        ahead-of-time executable expects the global shapes), which the wall time counts
+        and the compile time does not."""
+        if jax.process_count() > 1:
+            return 0.0
         start = time.perf_counter()
         n, shape = jax.local_device_count(), self.data.spec.image_shape
 
         def batch(size: int, with_mask: bool) -> dict:
-            spec = {"image": jax.ShapeDtypeStruct((n, size // n, *shape), np.float32),
-                    "label": jax.ShapeDtypeStruct((n, size // n), np.int32)}  # fmt: skip
+            per_device = size // jax.device_count()
+            spec = {"image": jax.ShapeDtypeStruct((n, per_device, *shape), np.float32),
+                    "label": jax.ShapeDtypeStruct((n, per_device), np.int32)}  # fmt: skip
             if with_mask:
                 spec["mask"] = jax.ShapeDtypeStruct((n, size // n), np.bool_)
             return spec
@@ -108,7 +115,7 @@ class Trainer:
             raise ValueError(f"at step {self.step}, epoch {epoch} is not the current one")
         epoch_start = time.perf_counter()
         batches = data_lib.train_batches(
-            self.data, config.batch_size, config.seed, epoch, start_step=first,
+            self.data, config.batch_size, config.seed, epoch, first, *_process(),
             num_threads=config.num_data_threads, num_workers=config.num_data_workers,
         )  # fmt: skip
         if first == 0:
@@ -165,7 +172,7 @@ class Trainer:
         state = self.state if state is None else state
         sums = None
         config = self.config
-        batches = data_lib.eval_batches(self.data, config.eval_batch_size,
+        batches = data_lib.eval_batches(self.data, config.eval_batch_size, *_process(),
                                         num_threads=config.num_data_threads,
                                         num_workers=config.num_data_workers)  # fmt: skip
         for batch in batches:
@@ -189,7 +196,7 @@ class Trainer:
         p_stats = parallel.pmap_step(train.bn_statistics_step, donate_state=False)
         config = self.config
         batches = data_lib.train_batches(
-            self.data, config.batch_size, config.seed, self.end_epoch,
+            self.data, config.batch_size, config.seed, self.end_epoch, 0, *_process(),
             num_threads=config.num_data_threads, num_workers=config.num_data_workers,
         )  # fmt: skip
         sums, count = None, 0
@@ -258,6 +265,11 @@ class Trainer:
 _p_swa_update = jax.pmap(train.swa_update, in_axes=(0, 0, None))
 
 
+def _process() -> tuple[int, int]:
+    """(this process's index, the number of processes): which share of the data it reads."""
+    return jax.process_index(), jax.process_count()
+
+
 def _accumulate(sums, device_metrics) -> dict:
     """Adds one step's (psum'd, so equal on every device) metrics to the running sums.
 
@@ -280,4 +292,5 @@ def _rates(sums: dict) -> dict:
 
 
 def _devices() -> str:
-    return f"{jax.local_device_count()} x {jax.local_devices()[0].device_kind}"
+    where = f" in each of {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    return f"{jax.local_device_count()} x {jax.local_devices()[0].device_kind}{where}"

@@ -62,12 +62,15 @@ def cifar_augment_batch(images: np.ndarray, rng: np.random.Generator) -> np.ndar
 def train_batches(source: ArraySource, spec, batch_size: int, epoch_seed: int, n_steps: int,
                   start_step: int, process_index: int, process_count: int,
                   num_threads: int = 1):  # fmt: skip
-    """This process's share of every global batch of the epoch from `start_step` on,
-    prepared `num_threads` at a time ahead of the consumer (numpy releases the GIL)."""
+    """This process's block of every global batch of the epoch from `start_step` on
+    (process i: the i-th of process_count equal parts, as device i of one process would
+    get), prepared `num_threads` at a time ahead of the consumer (numpy frees the GIL)."""
     order = np.random.default_rng(epoch_seed).permutation(len(source))
 
     def batch(step: int) -> dict:
-        indices = order[step * batch_size : (step + 1) * batch_size][process_index::process_count]
+        local = batch_size // process_count  # this process's contiguous block of the batch
+        start = step * batch_size + process_index * local
+        indices = order[start : start + local]
         images = source.images[indices]
         if spec.augment == "cifar":
             images = cifar_augment_batch(images, np.random.default_rng([epoch_seed, step]))

@@ -14,10 +14,12 @@ import dataclasses
 import math
 
 import grain
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
 from etils import epath
+from jax.experimental import multihost_utils
 from PIL import Image
 
 from eb_jax.data import digits, in_memory
@@ -75,8 +77,11 @@ def open_dataset(name: str, data_dir: str | None = None) -> Dataset:
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     spec = DATASETS[name]
-    if name == "digits":
-        digits.prepare(data_dir)
+    if name == "digits":  # written by one process; the others wait for it
+        if jax.process_index() == 0:
+            digits.prepare(data_dir)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("eb_jax: digits prepared")
     try:
         train, eval_ = (
             tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False)
@@ -185,8 +190,9 @@ def train_batches(
 ):
     """This process's batches of epoch `epoch`, from step `start_step` on.
 
-    The global order is a seeded permutation per epoch; process i takes every
-    process_count-th example of it, so processes see disjoint shards. Per-example
+    The global order is a seeded permutation per epoch; process i takes the i-th of
+    process_count equal blocks of every global batch (what device i of a single process
+    would get), so processes see disjoint shards. Per-example
     datasets (ImageNet) are read by `num_threads` threads and, with `num_workers`,
     decoded and augmented in that many worker processes, in the same order.
     """
@@ -196,11 +202,25 @@ def train_batches(
         return in_memory.train_batches(data.train, data.spec, batch_size,
                                        _epoch_seed(seed, epoch), n_steps, start_step,
                                        process_index, process_count, num_threads)  # fmt: skip
-    ds = grain.MapDataset.source(data.train).shuffle(seed=_epoch_seed(seed, epoch))
-    ds = ds[process_index::process_count]
+    order = np.random.default_rng(_epoch_seed(seed, epoch)).permutation(len(data.train))
+    blocks = order[: n_steps * batch_size].reshape(n_steps, process_count, local_batch)
+    ds = grain.MapDataset.source(_Subset(data.train, blocks[:, process_index].reshape(-1)))
     ds = ds.random_map(_train_transform(data.spec), seed=_epoch_seed(seed, epoch))
     ds = ds.batch(local_batch, drop_remainder=True)[start_step:n_steps]
     return _iterate(ds, num_threads, num_workers)
+
+
+class _Subset:
+    """The examples of `source` at `indices`, in that order (a random-access source)."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self.source, self.indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.source[int(self.indices[i])]
 
 
 def _iterate(ds: grain.MapDataset, num_threads: int, num_workers: int):

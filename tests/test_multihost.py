@@ -1,0 +1,112 @@
+"""Two local processes (127.0.0.1, one CPU device each) run EB Train together through
+jax.distributed: the same ticket, the same parameters as one process with two devices,
+and a killed run resumes."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from eb_jax import pipeline
+from eb_jax.config import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = {"model": "vgg_tiny", "batch_size": 128, "eval_batch_size": 120, "num_epochs": 3,
+             "lr_boundaries": (2,), "eb_window": 2, "eb_eps": 0.5}  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(workdir, data_dir, port):
+    """Both processes of one run, each with one CPU device."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 "
+               "--xla_cpu_collective_call_terminate_timeout_seconds=30")  # fmt: skip
+    flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "eb_jax.main",
+                "--workdir",
+                str(workdir),
+                f"--config.data_dir={data_dir}",
+                *flags,
+                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                "--config.distributed.num_processes=2",
+                f"--config.distributed.process_id={i}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+
+
+def _finish(procs, timeout=240):
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    return outputs
+
+
+def _final_arrays(workdir):
+    checkpoints = workdir / "checkpoints"
+    step = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    return step, ocp.StandardCheckpointer().restore(checkpoints / str(step) / "arrays")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, data_dir):
+    """The same run in this process, on its two devices."""
+    workdir = tmp_path_factory.mktemp("single")
+    config = load_config("quickstart", data_dir=data_dir, **OVERRIDES)
+    return workdir, pipeline.run(config, str(workdir))
+
+
+def _assert_same_run(workdir, single):
+    single_dir, record = single
+    (step, arrays), (single_step, expected) = _final_arrays(workdir), _final_arrays(single_dir)
+    assert step == single_step
+    jax.tree.map(np.testing.assert_array_equal, arrays, expected)
+    assert (workdir / "ticket.json").read_text() == (single_dir / "ticket.json").read_text()
+    report = json.loads((workdir / "report.json").read_text())
+    assert report["test_accuracy"] == record["test_accuracy"]
+    assert report["devices"] == "2 x cpu"
+
+
+def test_two_processes_run_eb_train_as_one_process_with_two_devices(tmp_path, data_dir, single):
+    outputs = _finish(_start(tmp_path, data_dir, _free_port()))
+    _assert_same_run(tmp_path, single)
+    assert "1 x cpu in each of 2 processes" in outputs[0] and "cut the p=0.5" in outputs[0]
+    assert "epoch   1/3" not in outputs[1]  # process 0 alone reports progress
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2  # search + retrain, once
+
+
+def test_a_killed_two_process_run_resumes(tmp_path, data_dir, single):
+    procs = _start(tmp_path, data_dir, _free_port())
+    deadline = time.time() + 180
+    while not (tmp_path / "checkpoints" / "11").is_dir():  # the first epoch's end
+        assert time.time() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.01)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    outputs = _finish(_start(tmp_path, data_dir, _free_port()))
+    assert "resuming the run" in outputs[0]
+    _assert_same_run(tmp_path, single)
