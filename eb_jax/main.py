@@ -53,6 +53,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv) -> int:
     del argv
+    import jax
+
     from eb_jax import parallel, pipeline, platform, report
     from eb_jax.checkpoint import CheckpointError
     from eb_jax.config import ConfigError
@@ -61,11 +63,12 @@ def main(argv) -> int:
 
     config = _CONFIG[0].value
     platform.set_cpu_xla_flags(config.cpu_xla_flags)  # before JAX starts its backend
+    report.setup_logging()  # quiets absl before JAX logs
     try:
         parallel.initialize_distributed(config.distributed)
     except (ValueError, RuntimeError) as e:
         _fail(f"cannot join the distributed run: {' '.join(str(e).split())}")
-    report.setup_logging()
+    report.setup_logging(jax.process_index())
     workdir = _WORKDIR.value or pipeline.default_workdir(
         config_flags.get_config_filename(flags.FLAGS["config"])
     )

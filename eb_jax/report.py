@@ -11,7 +11,6 @@ import logging
 import os
 import sys
 
-import jax
 import numpy as np
 
 from eb_jax.config import FULL_SEARCH_METHODS
@@ -19,20 +18,20 @@ from eb_jax.config import FULL_SEARCH_METHODS
 logger = logging.getLogger("eb_jax")
 
 
-def setup_logging() -> None:
-    """Progress lines to stdout, without the absl prefix; quiet third-party chatter."""
+def setup_logging(process_index: int = 0) -> None:
+    """Progress lines to stdout, without the absl prefix; quiet third-party chatter.
+    Processes other than 0 of a multi-process run only report problems."""
+    import absl.logging
+    import tensorflow_datasets as tfds
+
+    absl.logging.set_verbosity(absl.logging.ERROR)
     if not any(getattr(h, "_eb_jax", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler._eb_jax = True
         logger.addHandler(handler)
-    # One process speaks for a multi-process run; the others only report problems.
-    logger.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+    logger.setLevel(logging.INFO if process_index == 0 else logging.WARNING)
     logger.propagate = False
-    import absl.logging
-    import tensorflow_datasets as tfds
-
-    absl.logging.set_verbosity(absl.logging.ERROR)
     tfds.disable_progress_bar()
 
 

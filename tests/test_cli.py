@@ -78,6 +78,9 @@ def test_quickstart_runs_eb_train_end_to_end(tmp_path, data_dir):
     (["--config.checkpoints_to_keep=0"], "checkpoints_to_keep must be >= 1"),
     (["--config.ticket_epoch=50"], "ticket_epoch=50 must be in [0, num_epochs=20]"),
     (["--config.method=ns", "--config.keep_searching=True"], "keep_searching applies to"),
+    (["--config.precision.search=int4"], "precision.search='int4' must be one of"),
+    (["--config.distributed.coordinator_address=127.0.0.1:1", "--config.distributed.process_id=3",
+      "--config.distributed.num_processes=2"], "process_id=3 must be in [0, num_processes=2)"),
     (["stray"], "unexpected arguments: stray"),
 ])  # fmt: skip
 def test_bad_input_is_a_one_line_error(args, message, tmp_path, data_dir):
