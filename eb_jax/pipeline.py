@@ -15,6 +15,7 @@ At the end the run's cost and result go to WORKDIR/report.json and a printed tab
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import flax
@@ -164,6 +165,9 @@ def _report(config, data, trainer: Trainer, search, workdir: str, swa_metrics=No
     final = trainer.last_metrics.get("test_accuracy")
     if final is None:  # nothing left to train (a finished run started again)
         final = trainer.evaluate()["accuracy"]
+    params = jax.tree.leaves(parallel.unreplicate(trainer.state.params))
+    digest = hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in params)).digest()
+    parallel.check_same_on_all_processes(np.frombuffer(digest, np.uint8), "the final weights")
     last = final
     if swa_metrics is not None:  # the averaged weights are the run's final model
         final = swa_metrics["accuracy"]

@@ -1,6 +1,6 @@
 """Two local processes (127.0.0.1, one CPU device each) run EB Train together through
-jax.distributed: the same ticket, the same parameters as one process with two devices,
-and a killed run resumes."""
+jax.distributed: killed and resumed, they end with the ticket and parameters of one
+process with two devices."""
 
 import json
 import os
@@ -19,8 +19,8 @@ from eb_jax import pipeline
 from eb_jax.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = {"model": "vgg_tiny", "batch_size": 128, "eval_batch_size": 120, "num_epochs": 3,
-             "lr_boundaries": (2,), "eb_window": 2, "eb_eps": 0.5}  # fmt: skip
+OVERRIDES = {"model": "vgg_tiny", "batch_size": 128, "eval_batch_size": 120, "num_epochs": 2,
+             "lr_boundaries": (1,), "eb_window": 2, "eb_eps": 0.5}  # fmt: skip
 
 
 def _free_port() -> int:
@@ -90,15 +90,11 @@ def _assert_same_run(workdir, single):
     assert report["devices"] == "2 x cpu"
 
 
-def test_two_processes_run_eb_train_as_one_process_with_two_devices(tmp_path, data_dir, single):
-    outputs = _finish(_start(tmp_path, data_dir, _free_port()))
-    _assert_same_run(tmp_path, single)
-    assert "1 x cpu in each of 2 processes" in outputs[0] and "cut the p=0.5" in outputs[0]
-    assert "epoch   1/3" not in outputs[1]  # process 0 alone reports progress
-    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2  # search + retrain, once
-
-
-def test_a_killed_two_process_run_resumes(tmp_path, data_dir, single):
+def test_two_processes_run_eb_train_as_one_process_with_two_devices_and_resume(
+    tmp_path, data_dir, single
+):
+    """Killed when the search's checkpoint appears, started again: the two processes cut
+    the ticket, retrain it and end bit-identical to one process with two devices."""
     procs = _start(tmp_path, data_dir, _free_port())
     deadline = time.time() + 180
     while not (tmp_path / "checkpoints" / "11").is_dir():  # the first epoch's end
@@ -109,4 +105,6 @@ def test_a_killed_two_process_run_resumes(tmp_path, data_dir, single):
         p.wait()
     outputs = _finish(_start(tmp_path, data_dir, _free_port()))
     assert "resuming the run" in outputs[0]
+    assert "1 x cpu in each of 2 processes" in outputs[0] and "cut the p=0.5" in outputs[0]
+    assert "epoch   2/2" in outputs[0] and "epoch" not in outputs[1]  # process 0 reports
     _assert_same_run(tmp_path, single)
