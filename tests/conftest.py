@@ -25,3 +25,28 @@ import pytest  # noqa: E402
 def data_dir(tmp_path_factory):
     """A TFDS data_dir shared by the session's tests (the digits are written on first use)."""
     return str(tmp_path_factory.mktemp("tfds"))
+
+
+class Interrupted(Exception):
+    """Raised by `interrupt_after` in place of a killed run."""
+
+
+@pytest.fixture
+def interrupt_after(monkeypatch):
+    """`interrupt_after([e1, e2, ...])`: training stops with `Interrupted` right after
+    epoch e1 (1-based, its checkpoint written), in a later run after e2, and so on."""
+    from eb_jax.trainer import Trainer
+
+    def arm(epochs: list[int]):
+        train_epoch = Trainer.train_epoch
+
+        def interrupted(self, epoch):
+            metrics = train_epoch(self, epoch)
+            if epochs and epoch + 1 == epochs[0]:
+                epochs.pop(0)
+                raise Interrupted
+            return metrics
+
+        monkeypatch.setattr(Trainer, "train_epoch", interrupted)
+
+    return arm

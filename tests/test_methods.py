@@ -6,13 +6,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import Interrupted
 
 from eb_jax import pipeline, report
 from eb_jax.checkpoint import load_model
 from eb_jax.config import ConfigError, default_config, load_config
 from eb_jax.cost import forward_cost, training_flops
 from eb_jax.models import bn_scales, create_model
-from eb_jax.trainer import Trainer
 
 EPOCHS = 2
 IMAGES = 11 * 128  # steps per epoch x batch size: what one epoch trains on
@@ -106,28 +106,15 @@ def test_bn_sparsity_applies_only_while_searching(tmp_path, data_dir, method):
     assert scales.mean() > 0.3
 
 
-class _Interrupted(Exception):
-    pass
-
-
 @pytest.mark.parametrize("method", ["dense", "ns"])  # 'lt' shares the stages of 'ns'
 def test_a_run_interrupted_in_each_stage_ends_bit_identical(runs, tmp_path, data_dir, method,
-                                                            monkeypatch):  # fmt: skip
+                                                            interrupt_after):  # fmt: skip
     """Stopped after the first epoch of each stage (its checkpoint written), run again."""
     config = _config(data_dir, method=method)
     stops = [1] if method == "dense" else [1, EPOCHS + 1]  # epochs after which to stop
-    train_epoch = Trainer.train_epoch
-
-    def interrupted(self, epoch):
-        metrics = train_epoch(self, epoch)
-        if stops and epoch + 1 == stops[0]:
-            stops.pop(0)
-            raise _Interrupted
-        return metrics
-
-    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
+    interrupt_after(list(stops))
     for _ in range(len(stops)):
-        with pytest.raises(_Interrupted):
+        with pytest.raises(Interrupted):
             pipeline.run(config, str(tmp_path))
     record = pipeline.run(config, str(tmp_path))
     expected_dir, expected = runs[method]

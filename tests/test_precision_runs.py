@@ -4,11 +4,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import Interrupted
 
 from eb_jax import lowp, pipeline, report
 from eb_jax.checkpoint import load_model
 from eb_jax.config import default_config
-from eb_jax.trainer import Trainer
 
 
 def _config(data_dir, **overrides):
@@ -54,32 +54,15 @@ def test_lf_and_ll_search_in_bfp8_and_report_it(runs, name, retrain):
     assert row[3] == ("bfp8" if retrain == "bfp8" else "bfp8/fp32")
 
 
-class _Interrupted(Exception):
-    pass
-
-
-def _interrupt_after(monkeypatch, epochs: list[int]):
-    train_epoch = Trainer.train_epoch
-
-    def interrupted(self, epoch):
-        metrics = train_epoch(self, epoch)
-        if epochs and epoch + 1 == epochs[0]:
-            epochs.pop(0)
-            raise _Interrupted
-        return metrics
-
-    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
-
-
 def _final_arrays(workdir):
     checkpoints = workdir / "checkpoints"
     step = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
     return ocp.StandardCheckpointer().restore(checkpoints / str(step) / "arrays")
 
 
-def test_an_interrupted_bfp8_run_ends_bit_identical(runs, tmp_path, data_dir, monkeypatch):
-    _interrupt_after(monkeypatch, [1])  # in the search, its rounding mid-stream
-    with pytest.raises(_Interrupted):
+def test_an_interrupted_bfp8_run_ends_bit_identical(runs, tmp_path, data_dir, interrupt_after):
+    interrupt_after([1])  # in the search, its rounding mid-stream
+    with pytest.raises(Interrupted):
         pipeline.run(_lowp(data_dir, "bfp8"), str(tmp_path))
     record = pipeline.run(_lowp(data_dir, "bfp8"), str(tmp_path))
     assert record["test_accuracy"] == runs["ll"][1]["test_accuracy"]
@@ -115,9 +98,9 @@ def _restore(workdir, step):
     return ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "arrays")
 
 
-def test_an_interrupted_swa_run_ends_bit_identical(swa_run, tmp_path, data_dir, monkeypatch):
-    _interrupt_after(monkeypatch, [2])  # one epoch averaged, in the checkpoint
-    with pytest.raises(_Interrupted):
+def test_an_interrupted_swa_run_ends_bit_identical(swa_run, tmp_path, data_dir, interrupt_after):
+    interrupt_after([2])  # one epoch averaged, in the checkpoint
+    with pytest.raises(Interrupted):
         pipeline.run(_swa_config(data_dir), str(tmp_path))
     record = pipeline.run(_swa_config(data_dir), str(tmp_path))
     assert record["test_accuracy"] == swa_run[1]["test_accuracy"]
