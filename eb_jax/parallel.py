@@ -7,6 +7,7 @@ this module.
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import jax
 import numpy as np
@@ -31,6 +32,15 @@ def check_same_on_all_processes(array, what: str) -> None:
     """Fails loudly if `array` (host numpy) differs between the run's processes."""
     if jax.process_count() > 1:
         multihost_utils.assert_equal(array, f"the processes disagree on {what}")
+
+
+def check_replicas_same_on_all_processes(replicated, what: str) -> None:
+    """`check_same_on_all_processes` for a replicated pytree, through a digest of this
+    process's first copy (read from the devices only in a multi-process run)."""
+    if jax.process_count() > 1:
+        data = b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(unreplicate(replicated)))
+        digest = np.frombuffer(hashlib.sha256(data).digest(), np.uint8)
+        check_same_on_all_processes(digest, what)
 
 
 def process_zero_says(flag: bool) -> bool:

@@ -15,7 +15,6 @@ At the end the run's cost and result go to WORKDIR/report.json and a printed tab
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import flax
@@ -62,8 +61,9 @@ def run(config, workdir: str) -> dict:
             init_dir = os.path.join(workdir, "init")
             # Kept for 'rewind'; a run killed before its first checkpoint has it already
             # (the same seed gives the same initialisation).
-            missing = parallel.process_zero_says(not os.path.isdir(init_dir))
-            if retrain_mode(config) == "rewind" and missing:
+            if retrain_mode(config) == "rewind" and parallel.process_zero_says(
+                not os.path.isdir(init_dir)
+            ):
                 save_ticket(init_dir, config.model, model,
                             {"params": state.params, "batch_stats": state.batch_stats},
                             data.num_classes, data.spec.image_shape)  # fmt: skip
@@ -165,9 +165,7 @@ def _report(config, data, trainer: Trainer, search, workdir: str, swa_metrics=No
     final = trainer.last_metrics.get("test_accuracy")
     if final is None:  # nothing left to train (a finished run started again)
         final = trainer.evaluate()["accuracy"]
-    params = jax.tree.leaves(parallel.unreplicate(trainer.state.params))
-    digest = hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in params)).digest()
-    parallel.check_same_on_all_processes(np.frombuffer(digest, np.uint8), "the final weights")
+    parallel.check_replicas_same_on_all_processes(trainer.state.params, "the final weights")
     last = final
     if swa_metrics is not None:  # the averaged weights are the run's final model
         final = swa_metrics["accuracy"]

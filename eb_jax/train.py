@@ -141,14 +141,12 @@ def train_step(state: TrainState, batch, axis_name: str | None = None,
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)
-    new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
+    step = state.step
+    state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
     if precision.quantized:
         fmt = precision.bfp
-        key = lowp.stream_key(seed, lowp.WEIGHTS, state.step) if fmt.stochastic else None
-        new_state = new_state.replace(
-            params=lowp.quantize_tree(new_state.params, fmt.weight_bits, key)
-        )
-    state = new_state
+        key = lowp.stream_key(seed, lowp.WEIGHTS, step) if fmt.stochastic else None
+        state = state.replace(params=lowp.quantize_tree(state.params, fmt.weight_bits, key))
     n = batch["label"].shape[0]
     metrics = {
         "loss_sum": loss * n,

@@ -90,7 +90,7 @@ class Trainer:
             spec = {"image": jax.ShapeDtypeStruct((n, per_device, *shape), np.float32),
                     "label": jax.ShapeDtypeStruct((n, per_device), np.int32)}  # fmt: skip
             if with_mask:
-                spec["mask"] = jax.ShapeDtypeStruct((n, size // n), np.bool_)
+                spec["mask"] = jax.ShapeDtypeStruct((n, per_device), np.bool_)
             return spec
 
         self.p_train = self.p_train.lower(self.state, batch(self.config.batch_size, False))

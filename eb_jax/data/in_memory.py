@@ -6,7 +6,7 @@ share). Here the decoded uint8 images are read once into one array; a batch is a
 index into it, augmented and normalised for the whole batch at once. The order is a
 seeded permutation per epoch and the augmentation draws from a generator seeded by
 (seed, epoch, step), so resuming at any step replays the same batches, and batches can
-be prepared in parallel threads.
+be prepared in parallel threads. Which examples a step holds is input_pipeline's choice.
 """
 
 from __future__ import annotations
@@ -59,18 +59,14 @@ def cifar_augment_batch(images: np.ndarray, rng: np.random.Generator) -> np.ndar
     return padded[batch, rows[:, :, None], cols[:, None, :]]
 
 
-def train_batches(source: ArraySource, spec, batch_size: int, epoch_seed: int, n_steps: int,
-                  start_step: int, process_index: int, process_count: int,
-                  num_threads: int = 1):  # fmt: skip
-    """This process's block of every global batch of the epoch from `start_step` on
-    (process i: the i-th of process_count equal parts, as device i of one process would
-    get), prepared `num_threads` at a time ahead of the consumer (numpy frees the GIL)."""
-    order = np.random.default_rng(epoch_seed).permutation(len(source))
+def train_batches(source: ArraySource, spec, step_indices: np.ndarray, epoch_seed: int,
+                  start_step: int, num_threads: int = 1):  # fmt: skip
+    """The batches of `step_indices[step]` (examples of each step, [steps, batch]) from
+    `start_step` on, augmented from (epoch_seed, step) and prepared `num_threads` at a
+    time ahead of the consumer (numpy frees the GIL)."""
 
     def batch(step: int) -> dict:
-        local = batch_size // process_count  # this process's contiguous block of the batch
-        start = step * batch_size + process_index * local
-        indices = order[start : start + local]
+        indices = step_indices[step]
         images = source.images[indices]
         if spec.augment == "cifar":
             images = cifar_augment_batch(images, np.random.default_rng([epoch_seed, step]))
@@ -78,7 +74,7 @@ def train_batches(source: ArraySource, spec, batch_size: int, epoch_seed: int, n
 
     with concurrent.futures.ThreadPoolExecutor(max(num_threads, 1)) as pool:
         ahead = collections.deque()
-        for step in range(start_step, n_steps):
+        for step in range(start_step, len(step_indices)):
             ahead.append(pool.submit(batch, step))
             if len(ahead) > 2 * num_threads:
                 yield ahead.popleft().result()

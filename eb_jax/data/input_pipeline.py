@@ -198,14 +198,16 @@ def train_batches(
     """
     local_batch = batch_size // process_count
     n_steps = steps_per_epoch(data, batch_size)
+    epoch_seed = _epoch_seed(seed, epoch)
+    order = np.random.default_rng(epoch_seed).permutation(len(data.train))
+    # [step, process, example]: this process's indices of every step's global batch.
+    mine = order[: n_steps * batch_size].reshape(n_steps, process_count, local_batch)
+    mine = mine[:, process_index]
     if isinstance(data.train, in_memory.ArraySource):
-        return in_memory.train_batches(data.train, data.spec, batch_size,
-                                       _epoch_seed(seed, epoch), n_steps, start_step,
-                                       process_index, process_count, num_threads)  # fmt: skip
-    order = np.random.default_rng(_epoch_seed(seed, epoch)).permutation(len(data.train))
-    blocks = order[: n_steps * batch_size].reshape(n_steps, process_count, local_batch)
-    ds = grain.MapDataset.source(_Subset(data.train, blocks[:, process_index].reshape(-1)))
-    ds = ds.random_map(_train_transform(data.spec), seed=_epoch_seed(seed, epoch))
+        return in_memory.train_batches(data.train, data.spec, mine, epoch_seed, start_step,
+                                       num_threads)  # fmt: skip
+    ds = grain.MapDataset.source(_Subset(data.train, mine.reshape(-1)))
+    ds = ds.random_map(_train_transform(data.spec), seed=epoch_seed)
     ds = ds.batch(local_batch, drop_remainder=True)[start_step:n_steps]
     return _iterate(ds, num_threads, num_workers)
 
