@@ -50,3 +50,13 @@ def interrupt_after(monkeypatch):
         monkeypatch.setattr(Trainer, "train_epoch", interrupted)
 
     return arm
+
+
+def checkpoint_arrays(workdir, step: int | None = None):
+    """(step, arrays) of a run's checkpoint at `step`, default the newest."""
+    import orbax.checkpoint as ocp
+
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if step is None:
+        step = max(int(name) for name in os.listdir(checkpoints) if name.isdigit())
+    return step, ocp.StandardCheckpointer().restore(os.path.join(checkpoints, str(step), "arrays"))

@@ -9,8 +9,8 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+from conftest import checkpoint_arrays
 
 from eb_jax import pipeline, train
 from eb_jax.checkpoint import Checkpointer, load_model
@@ -51,12 +51,6 @@ def _steps(workdir):
     return sorted(int(e) for e in _entries(workdir) if e.isdigit())
 
 
-def _final_arrays(workdir):
-    step = _steps(workdir)[-1]
-    path = os.path.join(workdir, "checkpoints", str(step), "arrays")
-    return step, ocp.StandardCheckpointer().restore(path)
-
-
 def test_killed_quickstart_resumes_bit_identically(tmp_path, data_dir):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     result = subprocess.run(_command(straight, data_dir), cwd=ROOT, capture_output=True)
@@ -74,8 +68,8 @@ def test_killed_quickstart_resumes_bit_identically(tmp_path, data_dir):
     assert "resuming the run in" in resumed.stdout
     assert not any("tmp" in e for e in _entries(killed))  # orbax's leftovers cleaned up
 
-    step_a, a = _final_arrays(straight)
-    step_b, b = _final_arrays(killed)
+    step_a, a = checkpoint_arrays(straight)
+    step_b, b = checkpoint_arrays(killed)
     assert step_a == step_b == 4 * 22
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):

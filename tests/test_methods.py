@@ -4,9 +4,8 @@ import json
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from conftest import Interrupted
+from conftest import Interrupted, checkpoint_arrays
 
 from eb_jax import pipeline, report
 from eb_jax.checkpoint import load_model
@@ -32,12 +31,6 @@ def _config(data_dir, **overrides):
 def _learning_rates(workdir):
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     return [r["learning_rate"] for r in map(json.loads, lines) if "learning_rate" in r]
-
-
-def _final_arrays(workdir):
-    checkpoints = workdir / "checkpoints"
-    step = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
-    return ocp.StandardCheckpointer().restore(checkpoints / str(step) / "arrays")
 
 
 DENSE_FLOPS = forward_cost(create_model("vgg_tiny", 10), (8, 8, 1)).flops
@@ -120,7 +113,7 @@ def test_a_run_interrupted_in_each_stage_ends_bit_identical(runs, tmp_path, data
     expected_dir, expected = runs[method]
     assert record["test_accuracy"] == expected["test_accuracy"]
     assert record["stages"] == expected["stages"]
-    got, want = _final_arrays(tmp_path), _final_arrays(expected_dir)
+    got, want = checkpoint_arrays(tmp_path)[1], checkpoint_arrays(expected_dir)[1]
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(a, b)
 

@@ -12,8 +12,8 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+from conftest import checkpoint_arrays
 
 from eb_jax import pipeline
 from eb_jax.config import load_config
@@ -65,12 +65,6 @@ def _finish(procs, timeout=240):
     return outputs
 
 
-def _final_arrays(workdir):
-    checkpoints = workdir / "checkpoints"
-    step = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
-    return step, ocp.StandardCheckpointer().restore(checkpoints / str(step) / "arrays")
-
-
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, data_dir):
     """The same run in this process, on its two devices."""
@@ -81,7 +75,8 @@ def single(tmp_path_factory, data_dir):
 
 def _assert_same_run(workdir, single):
     single_dir, record = single
-    (step, arrays), (single_step, expected) = _final_arrays(workdir), _final_arrays(single_dir)
+    step, arrays = checkpoint_arrays(workdir)
+    single_step, expected = checkpoint_arrays(single_dir)
     assert step == single_step
     jax.tree.map(np.testing.assert_array_equal, arrays, expected)
     assert (workdir / "ticket.json").read_text() == (single_dir / "ticket.json").read_text()

@@ -2,9 +2,8 @@
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from conftest import Interrupted
+from conftest import Interrupted, checkpoint_arrays
 
 from eb_jax import lowp, pipeline, report
 from eb_jax.checkpoint import load_model
@@ -49,15 +48,10 @@ def test_lf_and_ll_search_in_bfp8_and_report_it(runs, name, retrain):
     _, variables, meta = load_model(str(workdir))
     assert meta["stage"] == "retrain"
     assert _in_bfp8(variables["params"]) == (retrain == "bfp8")  # the retrained weights
-    assert _in_bfp8(_restore(workdir, 11)["train"]["params"])  # the search's last epoch
+    search_end = checkpoint_arrays(workdir, 11)[1]["train"]  # the search's last epoch
+    assert _in_bfp8(search_end["params"])
     row = report.format_table([record]).splitlines()[2].split()
     assert row[3] == ("bfp8" if retrain == "bfp8" else "bfp8/fp32")
-
-
-def _final_arrays(workdir):
-    checkpoints = workdir / "checkpoints"
-    step = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
-    return ocp.StandardCheckpointer().restore(checkpoints / str(step) / "arrays")
 
 
 def test_an_interrupted_bfp8_run_ends_bit_identical(runs, tmp_path, data_dir, interrupt_after):
@@ -66,8 +60,8 @@ def test_an_interrupted_bfp8_run_ends_bit_identical(runs, tmp_path, data_dir, in
         pipeline.run(_lowp(data_dir, "bfp8"), str(tmp_path))
     record = pipeline.run(_lowp(data_dir, "bfp8"), str(tmp_path))
     assert record["test_accuracy"] == runs["ll"][1]["test_accuracy"]
-    want = _final_arrays(runs["ll"][0])
-    jax.tree.map(np.testing.assert_array_equal, _final_arrays(tmp_path), want)
+    want = checkpoint_arrays(runs["ll"][0])[1]
+    jax.tree.map(np.testing.assert_array_equal, checkpoint_arrays(tmp_path)[1], want)
 
 
 def _swa_config(data_dir):
@@ -83,7 +77,7 @@ def swa_run(tmp_path_factory, data_dir):
 def test_swa_averages_the_epochs_from_its_start_and_recomputes_bn(swa_run):
     workdir, record = swa_run
     assert record["swa"]["epochs_averaged"] == 2  # after epochs 2 and 3
-    epoch_ends = [_restore(workdir, 11 * e)["train"] for e in (2, 3)]
+    epoch_ends = [checkpoint_arrays(workdir, 11 * e)[1]["train"] for e in (2, 3)]
     mean = jax.tree.map(lambda a, b: (a + b) / 2, *(e["params"] for e in epoch_ends))
     _, swa, _ = load_model(str(workdir / "swa"))
     jax.tree.map(np.testing.assert_array_equal, swa["params"], mean)
@@ -92,10 +86,6 @@ def test_swa_averages_the_epochs_from_its_start_and_recomputes_bn(swa_run):
         assert np.all(np.isfinite(got)) and not np.array_equal(got, last)
     assert 0 < record["test_accuracy"] <= 1
     assert "swa" in report.format_table([record]).splitlines()[2]
-
-
-def _restore(workdir, step):
-    return ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "arrays")
 
 
 def test_an_interrupted_swa_run_ends_bit_identical(swa_run, tmp_path, data_dir, interrupt_after):
