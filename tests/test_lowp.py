@@ -246,6 +246,7 @@ def test_bf16_computes_in_bf16_and_keeps_fp32_weights_and_statistics():
         ({"bfp": {"gradient_bits": 40}}, "bfp.gradient_bits=40 must be in [2, 24]"),
         ({"bfp": {"rounding": "up"}}, "bfp.rounding='up'"),
         ({"swa_start_epoch": 160}, "swa_start_epoch=160 must be in [0, num_epochs)"),
+        ({"swa_start_epoch": 5, "keep_searching": True}, "swa_start_epoch needs a final stage"),
     ],
 )
 def test_config_errors(overrides, message):
