@@ -2,13 +2,14 @@
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 import pytest
 
 from eb_jax import train
 from eb_jax.config import default_config
 from eb_jax.models import MODELS, bn_scales, create_model
-from eb_jax.models.layers import Conv
+from eb_jax.models.layers import Conv, max_pool_2x2
 
 TINY = {
     "vgg_tiny": (8, 8, 1),
@@ -170,3 +171,20 @@ def test_conv_implementations_agree_and_share_parameters(hw, kernel, stride):
     np.testing.assert_array_equal(params["xla"]["params"]["kernel"],
                                   params["patches"]["params"]["kernel"])  # fmt: skip
     np.testing.assert_allclose(outs["xla"], outs["patches"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("hw", [(4, 6), (5, 7)])
+def test_max_pool_2x2_matches_flax_bit_for_bit_with_ties(hw):
+    # Small integers after a ReLU: many windows hold equal maxima (zeros above all), where
+    # the whole gradient must go to the window's first maximum in row-major order.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(np.maximum(rng.integers(-3, 3, (2, *hw, 3)), 0), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((2, hw[0] // 2, hw[1] // 2, 3)), jnp.float32)
+    outs = {}
+    for name, pool in {"flax": lambda x: nn.max_pool(x, (2, 2), (2, 2)),
+                       "ours": max_pool_2x2}.items():  # fmt: skip
+        y, vjp = jax.vjp(jax.jit(pool), x)
+        outs[name] = (y, vjp(g)[0])
+    np.testing.assert_array_equal(outs["ours"][0], outs["flax"][0])
+    np.testing.assert_array_equal(outs["ours"][1], outs["flax"][1])
+    assert int(jnp.sum(outs["ours"][1] != 0)) == g.size  # one gradient per window

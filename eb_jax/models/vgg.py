@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from eb_jax.lowp import FP32, Precision
-from eb_jax.models.layers import Conv, batch_norm
+from eb_jax.models.layers import Conv, batch_norm, max_pool_2x2
 
 VGG_CFGS = {
     11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512),
@@ -46,7 +46,7 @@ class VGG(nn.Module):
         x = x.astype(dtype)
         for c in self.cfg:
             if c == "M":
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool_2x2(x)
                 continue
             conv = Conv(c, 3, impl=self.conv_impl, precision=self.precision, name=f"conv{i}")
             x = batch_norm(train, self.bn_scale_init, name=f"bn{i}", dtype=dtype)(conv(x))
