@@ -1,8 +1,8 @@
 """Models: presets build and train, widths set parameter shapes, BN scales in order."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import numpy as np
 import pytest
 
