@@ -19,8 +19,10 @@ from eb_jax import pipeline
 from eb_jax.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 'rewind': process 0 decides whether the initial weights still need saving (a resumed
+# run has them), and every process follows.
 OVERRIDES = {"model": "vgg_tiny", "batch_size": 128, "eval_batch_size": 120, "num_epochs": 2,
-             "lr_boundaries": (1,), "eb_window": 2, "eb_eps": 0.5}  # fmt: skip
+             "lr_boundaries": (1,), "eb_window": 2, "eb_eps": 0.5, "retrain": "rewind"}  # fmt: skip
 
 
 def _free_port() -> int:
@@ -83,6 +85,8 @@ def _assert_same_run(workdir, single):
     report = json.loads((workdir / "report.json").read_text())
     assert report["test_accuracy"] == record["test_accuracy"]
     assert report["devices"] == "2 x cpu"
+    init, single_init = checkpoint_arrays(workdir / "init"), checkpoint_arrays(single_dir / "init")
+    jax.tree.map(np.testing.assert_array_equal, init, single_init)
 
 
 def test_two_processes_run_eb_train_as_one_process_with_two_devices_and_resume(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax
+
 from eb_jax.checkpoint import Checkpointer, load_model
 from eb_jax.models import model_widths
 
@@ -19,8 +21,9 @@ def save_ticket(path: str, model_name: str, model, variables: dict, num_classes:
             "stage": "ticket",
             "ticket": info,
         }
-        arrays = {"train": {"params": variables["params"],
-                            "batch_stats": variables.get("batch_stats", {})}}  # fmt: skip
+        # On the host: orbax cannot write a device-local array from several processes.
+        train = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+        arrays = {"train": jax.device_get(train)}
         checkpointer.save(0, arrays, meta)
     finally:
         checkpointer.close()
