@@ -6,6 +6,12 @@ network prunes its later layers harder; this spreads the cut evenly). Each netwo
 train step is compiled, its FLOPs read from XLA's cost analysis, and the dense and ticket
 steps are timed interleaved. Goal: speedup >= 0.9 x the FLOPs ratio for VGG16 on CPU.
 
+To show where a ticket loses against its FLOPs, the same run times each network's
+convolutions alone (forward and both gradients of every conv at the shapes the step
+sees, one compiled function): their own speedup against their own FLOPs ratio, and
+what the step spends outside them (BatchNorm, ReLU, pooling, loss, optimizer, and
+per-op overhead), which shrinks only linearly with the width, not quadratically.
+
     python benchmarks/ticket_speedup.py [--models vgg16 preresnet101] [--steps 5] [--round-to 8]
 """
 
@@ -15,6 +21,7 @@ import argparse
 import statistics
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +29,7 @@ import numpy as np
 from eb_jax import platform, train
 from eb_jax.config import default_config
 from eb_jax.models import bn_scales, create_model
+from eb_jax.models.layers import Conv
 from eb_jax.ticket import channel_mask
 from eb_jax.ticket.surgery import cut_ticket
 
@@ -33,7 +41,6 @@ def _step_runner(model, variables, batch):
     state = train.TrainState.create(apply_fn=model.apply, params=variables["params"],
                                     batch_stats=variables["batch_stats"], tx=tx)  # fmt: skip
     compiled = jax.jit(train.train_step, donate_argnums=0).lower(state, batch).compile()
-    flops = compiled.cost_analysis()["flops"]
     holder = {"state": state}
 
     def run():
@@ -41,7 +48,56 @@ def _step_runner(model, variables, batch):
         jax.block_until_ready(metrics)
 
     run()
-    return run, flops
+    return run, compiled.cost_analysis()["flops"]
+
+
+def _conv_calls(model, variables, image):
+    """(unbound Conv, input shape) of every convolution one training forward pass runs."""
+    calls = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, Conv) and context.method_name == "__call__":
+            calls.append((context.module.clone(parent=None), args[0].shape))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
+                       variables, image)  # fmt: skip
+    return calls
+
+
+def _conv_runner(model, variables, batch):
+    """The step's convolutions alone: forward, kernel gradient and (but for the first
+    conv, which reads the images) input gradient of each, in one compiled function that
+    runs them in turn."""
+    calls = _conv_calls(model, variables, batch["image"])
+    rng = np.random.default_rng(0)
+    inputs = []
+    for conv, shape in calls:
+        x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        conv_vars = conv.init(jax.random.key(0), x)
+        y = jax.eval_shape(conv.apply, conv_vars, x)
+        inputs.append((conv_vars, x, jnp.asarray(rng.standard_normal(y.shape), jnp.float32)))
+
+    def convolutions(inputs):
+        outputs = []
+        for i, ((conv, _), (conv_vars, x, dy)) in enumerate(zip(calls, inputs, strict=True)):
+            if outputs:  # one conv after the other, as in the step (not all at once)
+                (conv_vars, x, dy), outputs[-1] = jax.lax.optimization_barrier(
+                    ((conv_vars, x, dy), outputs[-1])
+                )
+            y, vjp = jax.vjp(conv.apply, conv_vars, x)
+            dvars, dx = vjp(dy)
+            outputs.append((y, dvars) if i == 0 else (y, dvars, dx))
+        return outputs
+
+    compiled = jax.jit(convolutions).lower(inputs).compile()
+
+    def run():
+        jax.block_until_ready(compiled(inputs))
+
+    run()
+    return run, compiled.cost_analysis()["flops"]
 
 
 def benchmark(name: str, ratios, steps: int, batch_size: int, round_to: int = 0):
@@ -56,27 +112,40 @@ def benchmark(name: str, ratios, steps: int, batch_size: int, round_to: int = 0)
         "image": jnp.asarray(rng.standard_normal((batch_size, 32, 32, 3)), jnp.float32),
         "label": jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32),
     }
-    runners = {"dense": _step_runner(model, variables, batch)}
+    networks = {"dense": (model, variables)}
     for ratio in ratios:
         masks = channel_mask(bn_scales(model, params), ratio)
         narrow, narrow_variables, _ = cut_ticket(model, variables, masks, round_to=round_to)
-        runners[f"p={ratio}"] = _step_runner(narrow, narrow_variables, batch)
+        networks[f"p={ratio}"] = (narrow, narrow_variables)
+    runners = {
+        (key, part): make(net, net_variables, batch)
+        for key, (net, net_variables) in networks.items()
+        for part, make in (("step", _step_runner), ("convs", _conv_runner))
+    }
     times = {key: [] for key in runners}
     for _ in range(steps):
         for key, (run, _) in runners.items():
             start = time.perf_counter()
             run()
             times[key].append(time.perf_counter() - start)
-    dense_time, dense_flops = statistics.median(times["dense"]), runners["dense"][1]
+    seconds = {key: statistics.median(t) for key, t in times.items()}
+    flops = {key: runner[1] for key, runner in runners.items()}
+
+    def versus_dense(key, part):
+        speedup = seconds["dense", part] / seconds[key, part]
+        flop_ratio = flops["dense", part] / flops[key, part]
+        ratio = speedup / flop_ratio
+        return f"speedup {speedup:5.2f}x  FLOPs ratio {flop_ratio:5.2f}x  -> {ratio:.2f}"
+
     rounded = f", kept counts rounded up to x{round_to}" if round_to else ""
-    print(f"{name}, batch {batch_size}{rounded}: dense {1000 * dense_time:.1f} ms/step")
-    for key in runners:
-        if key == "dense":
-            continue
-        t, flops = statistics.median(times[key]), runners[key][1]
-        speedup, flop_ratio = dense_time / t, dense_flops / flops
-        print(f"  {key}: {1000 * t:7.1f} ms/step  speedup {speedup:5.2f}x  FLOPs ratio "
-              f"{flop_ratio:5.2f}x  speedup / FLOPs ratio {speedup / flop_ratio:.2f}")  # fmt: skip
+    print(f"{name}, batch {batch_size}{rounded}: train step | convolutions alone | "
+          f"step time outside the convolutions")  # fmt: skip
+    for key in networks:
+        step_ms, conv_ms = 1000 * seconds[key, "step"], 1000 * seconds[key, "convs"]
+        line = f"  {key:6s} {step_ms:7.1f} ms"
+        if key != "dense":
+            line += f"  {versus_dense(key, 'step')} | {versus_dense(key, 'convs')}"
+        print(f"{line} | {step_ms - conv_ms:6.1f} ms ({1 - conv_ms / step_ms:.0%})")
 
 
 def main():
