@@ -188,3 +188,26 @@ def test_max_pool_2x2_matches_flax_bit_for_bit_with_ties(hw):
     np.testing.assert_array_equal(outs["ours"][0], outs["flax"][0])
     np.testing.assert_array_equal(outs["ours"][1], outs["flax"][1])
     assert int(jnp.sum(outs["ours"][1] != 0)) == g.size  # one gradient per window
+
+
+def test_preresnet_channel_selection_gradient_is_autodiffs(monkeypatch):
+    # The selection's hand-written gradient (a gather) against autodiff's (a scatter-add).
+    from eb_jax.models import preresnet
+
+    model = create_model("preresnet_tiny", 10)
+    rng = np.random.default_rng(0)
+    # Three blocks (inputs of 16, 64 and 128 channels) and the head (256).
+    keep = [tuple(sorted(rng.choice(c, c // 2, replace=False))) for c in (16, 64, 128, 256)]
+    model = model.clone(selections=tuple(keep))
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+
+    def grads():
+        loss = lambda p, x: jnp.sum(model.apply({**variables, "params": p}, x) ** 2)  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], x)
+
+    ours = grads()
+    plain_gather = lambda x, indices, _: jnp.take(x, np.asarray(indices), axis=-1)  # noqa: E731
+    monkeypatch.setattr(preresnet, "_take_channels", plain_gather)
+    # Equal up to XLA fusing the rest of the network differently (last-bit differences).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), ours, grads())

@@ -12,7 +12,9 @@ import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from eb_jax.lowp import FP32, Precision
 from eb_jax.models.layers import Conv, batch_norm, pooled_torch_linear
@@ -34,7 +36,29 @@ def default_inner_widths(depth: int) -> tuple[tuple[int, int], ...]:
 
 
 def _select(x, indices: Sequence[int] | None):
-    return x if indices is None else jnp.take(x, jnp.asarray(indices, jnp.int32), axis=-1)
+    return x if indices is None else _take_channels(x, tuple(indices), x.shape[-1])
+
+
+# The gradient of a channel gather is a scatter-add, which XLA runs slowly on CPU (21 ms
+# for a batch-64 32x32x64 map, a tenth of that as a gather). With static indices the
+# gradient is itself a gather: each input channel reads its kept position, or a zero.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _take_channels(x, indices: tuple, channels: int):
+    return jnp.take(x, np.asarray(indices, np.int32), axis=-1)
+
+
+def _take_channels_fwd(x, indices, channels):
+    return _take_channels(x, indices, channels), None
+
+
+def _take_channels_bwd(indices, channels, _, g):
+    position = np.full(channels, len(indices), np.int32)  # len(indices): the zero column
+    position[list(indices)] = np.arange(len(indices))
+    padded = jnp.concatenate([g, jnp.zeros((*g.shape[:-1], 1), g.dtype)], axis=-1)
+    return (jnp.take(padded, position, axis=-1),)
+
+
+_take_channels.defvjp(_take_channels_fwd, _take_channels_bwd)
 
 
 class PreResNet(nn.Module):
