@@ -78,6 +78,9 @@ def _activation_and_pool_flops(jaxpr) -> int:
         if name in ("jit", "pjit") and eqn.params.get("name") == "relu":
             flops += eqn.invars[0].aval.size
             continue
+        if name in ("jit", "pjit") and eqn.params.get("name") == layers.cpu_max_pool_2x2.__name__:
+            flops += 4 * eqn.outvars[0].aval.size  # as the reduce_window it stands for
+            continue
         if name in ("reduce_window_max", "reduce_window_sum"):
             flops += int(np.prod(eqn.params["window_dimensions"])) * eqn.outvars[0].aval.size
         elif name == "reduce_sum":  # a global average pool: every input element once
