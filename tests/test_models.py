@@ -200,7 +200,7 @@ def test_preresnet_channel_selection_gradient_is_autodiffs(monkeypatch):
     keep = [tuple(sorted(rng.choice(c, c // 2, replace=False))) for c in (16, 64, 128, 256)]
     model = model.clone(selections=tuple(keep))
     x = jnp.asarray(rng.standard_normal((2, 8, 8, 3)), jnp.float32)
-    variables = model.init(jax.random.key(0), x)
+    variables = train.init_variables(model, jax.random.key(0), x.shape[1:])
 
     def grads():
         loss = lambda p, x: jnp.sum(model.apply({**variables, "params": p}, x) ** 2)  # noqa: E731
