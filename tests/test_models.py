@@ -188,6 +188,9 @@ def test_max_pool_2x2_matches_flax_bit_for_bit_with_ties(hw):
     np.testing.assert_array_equal(outs["ours"][0], outs["flax"][0])
     np.testing.assert_array_equal(outs["ours"][1], outs["flax"][1])
     assert int(jnp.sum(outs["ours"][1] != 0)) == g.size  # one gradient per window
+    # ... and on CPU without XLA's slow reduce-window / select-and-scatter.
+    program = str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(max_pool_2x2(x))))(x))
+    assert "reduce_window" not in program and "select_and_scatter" not in program
 
 
 def test_preresnet_channel_selection_gradient_is_autodiffs(monkeypatch):
@@ -207,6 +210,8 @@ def test_preresnet_channel_selection_gradient_is_autodiffs(monkeypatch):
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], x)
 
     ours = grads()
+    program = str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(model.apply(variables, x))))(x))
+    assert "scatter" not in program  # the gradient of every selection is a gather
     plain_gather = lambda x, indices, _: jnp.take(x, np.asarray(indices), axis=-1)  # noqa: E731
     monkeypatch.setattr(preresnet, "_take_channels", plain_gather)
     # Equal up to XLA fusing the rest of the network differently (last-bit differences).
