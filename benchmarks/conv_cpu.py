@@ -44,9 +44,11 @@ def main():
             fwds[impl] = _median_ms(jax.jit(conv.apply), variables, x)
             loss = lambda v, x, c=conv: jnp.sum(c.apply(v, x) ** 2)  # noqa: E731
             grads[impl] = _median_ms(jax.jit(jax.grad(loss, argnums=(0, 1))), variables, x)
-        print(f"{hw:2d} {cin:4d} {cout:4d} | {fwds['xla']:7.1f} / {grads['xla']:7.1f} | "
-              f"{fwds['patches']:7.1f} / {grads['patches']:7.1f} | "
-              f"{grads['xla'] / grads['patches']:.2f}")  # fmt: skip
+        print(
+            f"{hw:2d} {cin:4d} {cout:4d} | {fwds['xla']:7.1f} / {grads['xla']:7.1f} | "
+            f"{fwds['patches']:7.1f} / {grads['patches']:7.1f} | "
+            f"{grads['xla'] / grads['patches']:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,7 @@ from eb_jax.models import create_model
 
 
 def _cifar_mock(num_examples: int):
-    with tfds.testing.mock_data(num_examples=num_examples,
-                                policy=tfds.testing.MockPolicy.USE_CODE):  # fmt: skip
+    with tfds.testing.mock_data(num_examples=num_examples, policy=tfds.testing.MockPolicy.USE_CODE):
         return open_dataset("cifar10")
 
 
@@ -66,8 +65,10 @@ def feed_ratio(steps: int, batch_size: int, threads: int, rounds: int):
     start = time.perf_counter()
     n = sum(1 for _ in train_batches(data, batch_size, 0, 99, num_threads=threads))
     alone = n * batch_size / (time.perf_counter() - start)
-    print(f"CIFAR-10 shapes, VGG16 step, batch {batch_size}, {steps} steps, {threads} threads, "
-          f"median of {rounds}:")  # fmt: skip
+    print(
+        f"CIFAR-10 shapes, VGG16 step, batch {batch_size}, {steps} steps, {threads} threads, "
+        f"median of {rounds}:"
+    )
     print(f"  step fed by the pipeline {steps * batch_size / t_fed:8.0f} img/s")
     print(f"  step fed ready batches   {steps * batch_size / t_syn:8.0f} img/s")
     print(f"  ratio {t_syn / t_fed:.3f} (goal >= 0.95); the pipeline alone {alone:.0f} img/s")
@@ -119,8 +120,10 @@ def main():
     if args.steps:
         feed_ratio(args.steps, args.batch, args.threads, args.rounds)
     kb = sum(map(len, JpegSource(1).jpegs)) / 8 / 1024
-    print(f"ImageNet: decode (JPEG 500x375, {kb:.0f} KB) + random-resized crop 224 + flip + "
-          "normalise:")  # fmt: skip
+    print(
+        f"ImageNet: decode (JPEG 500x375, {kb:.0f} KB) + random-resized crop 224 + flip + "
+        "normalise:"
+    )
     for workers in (1, 2):
         rate = imagenet_rate(workers, 32, args.imagenet_batches)
         print(f"  {workers} worker(s): {rate:6.0f} img/s, {rate / workers:5.0f} img/s per worker")

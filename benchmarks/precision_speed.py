@@ -73,8 +73,10 @@ def benchmark(name: str, precisions, rounds: int, chunk: int, batch_size: int | 
     print(f"{name}, batch {batch}:")
     for p in precisions:
         t, compile_s = statistics.median(times[p]), runners[p][1]
-        print(f"  {p:5s} {1000 * t:8.2f} ms/step  {batch / t:9.0f} img/s  "
-              f"speed vs {precisions[0]} {base / t:5.2f}x  compile {compile_s:5.1f} s")  # fmt: skip
+        print(
+            f"  {p:5s} {1000 * t:8.2f} ms/step  {batch / t:9.0f} img/s  "
+            f"speed vs {precisions[0]} {base / t:5.2f}x  compile {compile_s:5.1f} s"
+        )
 
 
 def main():
@@ -85,8 +87,10 @@ def main():
     parser.add_argument("--chunk", type=int, default=5, help="steps timed together")
     parser.add_argument("--batch", type=int, default=None, help="default: the paper's")
     args = parser.parse_args()
-    print(f"backend: {jax.default_backend()} ({platform.describe()}), "
-          f"median of {args.rounds} rounds of {args.chunk} steps")  # fmt: skip
+    print(
+        f"backend: {jax.default_backend()} ({platform.describe()}), "
+        f"median of {args.rounds} rounds of {args.chunk} steps"
+    )
     for name in args.models:
         benchmark(name, args.precisions, args.rounds, args.chunk, args.batch)
 

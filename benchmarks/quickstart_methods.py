@@ -32,15 +32,27 @@ VARIANTS = {
     "lt": ["--config.method=lt"],
     "eb": ["--config.method=eb"],
     "lf": ["--config.method=eb", "--config.precision.search=bfp8"],
-    "ll": ["--config.method=eb", "--config.precision.search=bfp8",
-           "--config.precision.retrain=bfp8"],
-}  # fmt: skip
+    "ll": [
+        "--config.method=eb",
+        "--config.precision.search=bfp8",
+        "--config.precision.retrain=bfp8",
+    ],
+}
 
 
 def run_method(method: str, seed: int, root: str) -> dict:
     workdir = os.path.join(root, f"{method}-seed{seed}")
-    cmd = [sys.executable, "-m", "eb_jax.main", "--config", "configs/quickstart.py",
-           "--workdir", workdir, *VARIANTS[method], f"--config.seed={seed}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "eb_jax.main",
+        "--config",
+        "configs/quickstart.py",
+        "--workdir",
+        workdir,
+        *VARIANTS[method],
+        f"--config.seed={seed}",
+    ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"{method} failed:\n{result.stderr[-3000:]}")
@@ -70,10 +82,12 @@ def main() -> None:
     acc, wall = mean("eb", "test_accuracy"), mean("eb", "wall_time_s")
     print(f"\nmeans over seeds {args.seeds}:")
     for method in records:
-        print(f"  {method:6s} test {100 * mean(method, 'test_accuracy'):.2f}%  "
-              f"wall {mean(method, 'wall_time_s'):.1f} s  "
-              f"(compiling {mean(method, 'compile_time_s'):.1f} s)  "
-              f"{mean(method, 'training_pflops') * 1e3:.3f} TFLOPs")  # fmt: skip
+        print(
+            f"  {method:6s} test {100 * mean(method, 'test_accuracy'):.2f}%  "
+            f"wall {mean(method, 'wall_time_s'):.1f} s  "
+            f"(compiling {mean(method, 'compile_time_s'):.1f} s)  "
+            f"{mean(method, 'training_pflops') * 1e3:.3f} TFLOPs"
+        )
     for method in ("ns", "dense"):
         if method in records:
             gap = 100 * (acc - mean(method, "test_accuracy"))
@@ -81,18 +95,23 @@ def main() -> None:
     for method in ("lf", "ll"):
         if method in records:
             gap = 100 * (mean(method, "test_accuracy") - acc)
-            detected = [r["ticket_epoch"] for r in records[method]
-                        if r["ticket_drawn_by"] == "detector"]  # fmt: skip
-            print(f"{method} - eb test accuracy: {gap:+.2f} points (goal: within 2); ticket "
-                  f"detected in {len(detected)}/{len(records[method])} runs, after epochs "
-                  f"{detected} (eb: {[r['ticket_epoch'] for r in records['eb']]})")  # fmt: skip
+            detected = [
+                r["ticket_epoch"] for r in records[method] if r["ticket_drawn_by"] == "detector"
+            ]
+            print(
+                f"{method} - eb test accuracy: {gap:+.2f} points (goal: within 2); ticket "
+                f"detected in {len(detected)}/{len(records[method])} runs, after epochs "
+                f"{detected} (eb: {[r['ticket_epoch'] for r in records['eb']]})"
+            )
     if "ns" in records:
         ratio = wall / mean("ns", "wall_time_s")
         print(f"eb / ns wall time: {ratio:.2f} (goal: <= 0.5)")
         compiled = mean("eb", "compile_time_s"), mean("ns", "compile_time_s")
         ratio = (wall - compiled[0]) / (mean("ns", "wall_time_s") - compiled[1])
-        print(f"eb / ns wall time without compiling the steps ({compiled[0]:.1f} s and "
-              f"{compiled[1]:.1f} s): {ratio:.2f}")  # fmt: skip
+        print(
+            f"eb / ns wall time without compiling the steps ({compiled[0]:.1f} s and "
+            f"{compiled[1]:.1f} s): {ratio:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,12 @@ def _step_runner(model, variables, batch):
     config = default_config()
     tx = train.create_optimizer(config, 100)
     variables = jax.tree.map(jnp.array, variables)  # the step donates (deletes) its inputs
-    state = train.TrainState.create(apply_fn=model.apply, params=variables["params"],
-                                    batch_stats=variables["batch_stats"], tx=tx)  # fmt: skip
+    state = train.TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        tx=tx,
+    )
     compiled = jax.jit(train.train_step, donate_argnums=0).lower(state, batch).compile()
     holder = {"state": state}
 
@@ -61,8 +65,9 @@ def _conv_calls(model, variables, image):
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):
-        jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
-                       variables, image)  # fmt: skip
+        jax.eval_shape(
+            lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), variables, image
+        )
     return calls
 
 
@@ -105,8 +110,11 @@ def benchmark(name: str, ratios, steps: int, batch_size: int, round_to: int = 0)
     variables = train.init_variables(model, jax.random.key(0), (32, 32, 3))
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map_with_path(
-        lambda p, x: rng.uniform(0, 1, x.shape).astype(np.float32) if p[-1].key == "scale"
-        else np.asarray(x), variables["params"])  # fmt: skip
+        lambda p, x: (
+            rng.uniform(0, 1, x.shape).astype(np.float32) if p[-1].key == "scale" else np.asarray(x)
+        ),
+        variables["params"],
+    )
     variables = {"params": params, "batch_stats": variables["batch_stats"]}
     batch = {
         "image": jnp.asarray(rng.standard_normal((batch_size, 32, 32, 3)), jnp.float32),
@@ -138,8 +146,10 @@ def benchmark(name: str, ratios, steps: int, batch_size: int, round_to: int = 0)
         return f"speedup {speedup:5.2f}x  FLOPs ratio {flop_ratio:5.2f}x  -> {ratio:.2f}"
 
     rounded = f", kept counts rounded up to x{round_to}" if round_to else ""
-    print(f"{name}, batch {batch_size}{rounded}: train step | convolutions alone | "
-          f"step time outside the convolutions")  # fmt: skip
+    print(
+        f"{name}, batch {batch_size}{rounded}: train step | convolutions alone | "
+        f"step time outside the convolutions"
+    )
     for key in networks:
         step_ms, conv_ms = 1000 * seconds[key, "step"], 1000 * seconds[key, "convs"]
         line = f"  {key:6s} {step_ms:7.1f} ms"

@@ -26,9 +26,15 @@ from eb_jax.models import VGG_CFGS, create_model
 
 def jax_step_fn(batch_size: int, conv_impl: str):
     config = ml_collections.ConfigDict(
-        dict(learning_rate=0.1, lr_boundaries=(), lr_decay=0.1, momentum=0.9,
-             weight_decay=1e-4, sparsity=1e-4)
-    )  # fmt: skip
+        dict(
+            learning_rate=0.1,
+            lr_boundaries=(),
+            lr_decay=0.1,
+            momentum=0.9,
+            weight_decay=1e-4,
+            sparsity=1e-4,
+        )
+    )
     model = create_model("vgg16", 10, conv_impl=conv_impl)
     state = train.create_train_state(
         model, jax.random.key(0), (32, 32, 3), train.create_optimizer(config, 1)
@@ -57,8 +63,11 @@ def torch_step_fn(batch_size: int):
         if c == "M":
             layers.append(nn.MaxPool2d(2, 2))
         else:
-            layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
-                       nn.ReLU(inplace=True)]  # fmt: skip
+            layers += [
+                nn.Conv2d(c_in, c, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+            ]
             c_in = c
     net = nn.Sequential(*layers, nn.AvgPool2d(2), nn.Flatten(), nn.Linear(512, 10))
     bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -101,14 +110,20 @@ def main():
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - start)
 
-    print(f"VGG16-BN CIFAR train step, batch {args.batch}, {jax.default_backend()} "
-          f"({platform.describe()}), median of {args.steps}:")  # fmt: skip
+    print(
+        f"VGG16-BN CIFAR train step, batch {args.batch}, {jax.default_backend()} "
+        f"({platform.describe()}), median of {args.steps}:"
+    )
     med = {name: statistics.median(t) for name, t in times.items()}
-    print(f"  eb_jax (conv_impl={args.conv_impl}): {1000 * med['jax']:.0f} ms/step, "
-          f"{args.batch / med['jax']:.1f} img/s")  # fmt: skip
+    print(
+        f"  eb_jax (conv_impl={args.conv_impl}): {1000 * med['jax']:.0f} ms/step, "
+        f"{args.batch / med['jax']:.1f} img/s"
+    )
     if "torch" in med:
-        print(f"  PyTorch {torch_version} eager: {1000 * med['torch']:.0f} ms/step, "
-              f"{args.batch / med['torch']:.1f} img/s")  # fmt: skip
+        print(
+            f"  PyTorch {torch_version} eager: {1000 * med['torch']:.0f} ms/step, "
+            f"{args.batch / med['torch']:.1f} img/s"
+        )
         print(f"  ratio PyTorch time / eb_jax time: {med['torch'] / med['jax']:.2f}")
 
 

@@ -23,12 +23,38 @@ logger = logging.getLogger("eb_jax")
 
 # Config fields that fix a run's trajectory: resuming with other values is an error.
 RESUME_FIELDS = (
-    "model", "dataset", "batch_size", "learning_rate", "lr_boundaries", "lr_decay",
-    "momentum", "weight_decay", "sparsity", "seed", "method", "prune_ratio",
-    "monitor_ratios", "eb_window", "eb_eps", "eb_rule", "keep_searching", "ticket_epoch",
-    "retrain", "min_channels", "round_to", "prune_residual", "precision", "bfp",
+    "model",
+    "dataset",
+    "batch_size",
+    "learning_rate",
+    "lr_boundaries",
+    "lr_decay",
+    "momentum",
+    "weight_decay",
+    "sparsity",
+    "seed",
+    "method",
+    "prune_ratio",
+    "monitor_ratios",
+    "eb_window",
+    "eb_eps",
+    "eb_rule",
+    "keep_searching",
+    "ticket_epoch",
+    "retrain",
+    "min_channels",
+    "round_to",
+    "prune_residual",
+    "precision",
+    "bfp",
     "swa_start_epoch",
-)  # fmt: skip
+    "sparsity_stages",
+    "retrain_schedule",
+    "lt_granularity",
+    "thinet_images",
+    "thinet_locations",
+    "snip_batches",
+)
 
 
 class CheckpointError(RuntimeError):
@@ -45,8 +71,11 @@ def config_record(config) -> dict:
 def check_config_matches(config, meta: dict, workdir: str) -> None:
     """Raises CheckpointError naming the fields where `config` differs from the run's."""
     saved, now = meta["config"]["fields"], config_record(config)["fields"]
-    diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} now"
-             for k, v in now.items() if saved.get(k) != v]  # fmt: skip
+    diffs = [
+        f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} now"
+        for k, v in now.items()
+        if saved.get(k) != v
+    ]
     if diffs:
         raise CheckpointError(
             f"{workdir} holds a run with a different config ({'; '.join(diffs)}); resume "
@@ -68,8 +97,9 @@ class Checkpointer:
         self._manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
-        return ocp.CheckpointManager(self.directory, options=self._options,
-                                     item_names=("arrays", "meta"))  # fmt: skip
+        return ocp.CheckpointManager(
+            self.directory, options=self._options, item_names=("arrays", "meta")
+        )
 
     def steps(self) -> list[int]:
         return list(self._manager.all_steps())
@@ -114,8 +144,10 @@ class Checkpointer:
         os.rename(os.path.join(self.directory, str(step)), aside)
         logger.warning(
             "checkpoint step %d is damaged (%s); moved to %s, falling back to the previous one",
-            step, reason, aside,
-        )  # fmt: skip
+            step,
+            reason,
+            aside,
+        )
         self._manager.close()
         self._manager = self._open()
 

@@ -10,13 +10,8 @@ import os
 
 import ml_collections
 
-from eb_jax import lowp
+from eb_jax import lowp, methods, names
 from eb_jax.ticket import EarlyBirdDetector
-
-METHODS = ("eb", "ns", "lt", "dense")
-# Methods that search all num_epochs, then retrain the ticket on a second, fresh schedule.
-FULL_SEARCH_METHODS = ("ns", "lt")
-RETRAIN_MODES = ("inherit", "reinit", "rewind")
 
 
 class ConfigError(ValueError):
@@ -24,7 +19,7 @@ class ConfigError(ValueError):
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """The paper's CIFAR search protocol (PAPER.md §4) on VGG16."""
+    """The paper's CIFAR search protocol (docs/method.md) on VGG16."""
     c = ml_collections.ConfigDict()
     c.model = "vgg16"  # a name in eb_jax.models.MODELS
     c.dataset = "cifar10"  # a name in eb_jax.data.DATASETS
@@ -37,15 +32,21 @@ def default_config() -> ml_collections.ConfigDict:
     c.lr_decay = 0.1
     c.momentum = 0.9  # PyTorch SGD semantics, no Nesterov
     c.weight_decay = 1e-4  # on all parameters, BN included, as in the original
-    c.sparsity = 1e-4  # s: s*sign(scale) added to every BN scale gradient while the
-    # ticket is searched for (not in 'dense' training or retraining); 0 disables
+    c.sparsity = 1e-4  # s: s*sign(scale) added to every BN scale gradient in the stages
+    # named in sparsity_stages; 0 disables
+    c.sparsity_stages = ("search",)  # of 'dense', 'search', 'retrain', 'masked', 'soft'
     c.seed = 0
-    # The method (PAPER.md §1, §6). 'eb': EB Train, search until the ticket emerges, cut,
+    # The method (docs/method.md). 'eb': EB Train, search until the ticket emerges, cut,
     # retrain to num_epochs. 'ns': network slimming, search all num_epochs, cut, fine-tune
-    # (inherit) for another num_epochs. 'lt': one-shot structured lottery ticket, the same
-    # with the ticket rewound to initialisation. 'dense': standard training, no pruning.
+    # (inherit) for another num_epochs. 'lt': one-shot lottery ticket: train, prune, rewind
+    # to initialisation, train again (lt_granularity). 'thinet': train, prune each layer by
+    # the next layer's reconstruction, fine-tune. 'snip': prune weights at initialisation
+    # by connection sensitivity, train. 'sfp': train zeroing the weakest filters after
+    # every epoch, then cut them. 'dense': standard training, no pruning.
     c.method = "eb"
-    c.prune_ratio = 0.5  # p: the fraction of BN channels the ticket prunes
+    c.prune_ratio = 0.5  # p: the fraction of channels (or weights: 'snip', 'lt' weights)
+    # pruned: over the whole network for BN-scale tickets and weights, per layer for
+    # 'thinet' and 'sfp'
     c.monitor_ratios = (0.3, 0.5, 0.7)  # detectors run side by side (prune_ratio added)
     c.eb_window = 5  # masks (code rule) or consecutive distances (paper rule) compared
     c.eb_eps = 0.1  # emerged when the distances are <= eps (code) / < eps (paper)
@@ -53,23 +54,39 @@ def default_config() -> ml_collections.ConfigDict:
     c.keep_searching = False  # 'eb': search to num_epochs recording every mask (paper
     # Fig. 3), then stop without cutting
     c.ticket_epoch = 0  # 'eb': draw the ticket after this many epochs (Fig. 1); 0: detect
-    # Cutting the ticket and retraining it (PAPER.md §6).
+    # Cutting the ticket and retraining it (docs/method.md).
     # 'eb' only ('ns' inherits, 'lt' rewinds): 'inherit' (EB Train FF), 'reinit' (fresh
     # init) or 'rewind' (kept channels at initialisation)
     c.retrain = "inherit"
+    # 'eb' only: 'continue' retrains from the ticket's epoch to num_epochs on the ongoing
+    # LR schedule (EB Train FF); 'fresh' trains num_epochs more on a new schedule (the
+    # paper's EB Train re-init row: retrain='reinit', retrain_schedule='fresh')
+    c.retrain_schedule = "continue"
+    c.lt_granularity = "channels"  # 'lt': 'channels' (network slimming's ticket, rewound)
+    # or 'weights' (Frankle & Carbin: global weight magnitude, unstructured; the paper's)
+    c.thinet_images = 128  # 'thinet': training images sampled (seeded) per layer
+    c.thinet_locations = 10  # 'thinet': random (channel, position) samples per image
+    c.snip_batches = 1  # 'snip': training batches the sensitivity is averaged over
     c.min_channels = 1  # no layer ends empty: its largest-|scale| channels stay
     c.round_to = 0  # round kept counts up to a multiple (8 GPU, 128 TPU); 0: off
     c.prune_residual = False  # ResNet-18/50: prune the residual widths too
-    # Number formats (PAPER.md §7): 'fp32'; 'bf16' (bf16 compute, fp32 weights and BN
+    # Number formats (docs/method.md): 'fp32'; 'bf16' (bf16 compute, fp32 weights and BN
     # statistics: TPU/GPU speed); 'bfp8' (8-bit block floating point: weights, activations,
     # errors, gradients, momentum, word lengths in `bfp`). 'search' covers every stage
-    # before the cut ('dense' training too). The paper's LF: search 'bfp8', retrain
+    # before the pruning step ('dense' training too), 'retrain' every stage after it. The
+    # paper's LF: search 'bfp8', retrain
     # 'fp32'; LL: both 'bfp8'.
     c.precision = ml_collections.ConfigDict({"search": "fp32", "retrain": "fp32"})
     c.bfp = ml_collections.ConfigDict(
-        {"weight_bits": 8, "activation_bits": 8, "error_bits": 8, "gradient_bits": 8,
-         "momentum_bits": 8, "rounding": "stochastic"}  # or 'nearest'
-    )  # fmt: skip
+        {
+            "weight_bits": 8,
+            "activation_bits": 8,
+            "error_bits": 8,
+            "gradient_bits": 8,
+            "momentum_bits": 8,
+            "rounding": "stochastic",
+        }  # or 'nearest'
+    )
     # Stochastic weight averaging (SWALP): the weights averaged at the end of every epoch
     # from this epoch of the final stage's schedule on, BN statistics recomputed for the
     # average, which is the run's final model (the paper: 140 of 160). 0: off.
@@ -113,18 +130,20 @@ def load_config(name_or_path: str, **overrides) -> ml_collections.ConfigDict:
     return config
 
 
-def stage_precision(config, stage: str) -> lowp.Precision:
-    """The number format of `stage` ('dense', 'search' or 'retrain')."""
-    name = config.precision.retrain if stage == "retrain" else config.precision.search
+def stage_precision(config, after_prune: bool) -> lowp.Precision:
+    """The number format of a stage before (precision.search) or after (precision.retrain)
+    the method's pruning step."""
+    name = config.precision.retrain if after_prune else config.precision.search
     b = config.bfp
-    fmt = lowp.BFPFormat(b.weight_bits, b.activation_bits, b.error_bits, b.gradient_bits,
-                         b.momentum_bits, stochastic=b.rounding == "stochastic")  # fmt: skip
+    fmt = lowp.BFPFormat(
+        b.weight_bits,
+        b.activation_bits,
+        b.error_bits,
+        b.gradient_bits,
+        b.momentum_bits,
+        stochastic=b.rounding == "stochastic",
+    )
     return lowp.Precision(name, fmt)
-
-
-def retrain_mode(config) -> str | None:
-    """How the ticket's weights start retraining; None for a method that cuts nothing."""
-    return {"ns": "inherit", "lt": "rewind", "eb": config.retrain}.get(config.method)
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -146,8 +165,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ConfigError("sparsity and weight_decay must be >= 0")
     if config.checkpoints_to_keep < 1 or config.checkpoint_every_steps < 0:
         raise ConfigError("checkpoints_to_keep must be >= 1 and checkpoint_every_steps >= 0")
-    if config.method not in METHODS:
-        raise ConfigError(f"method={config.method!r} must be one of {METHODS}")
+    choices = {
+        "method": names.METHODS,
+        "retrain": names.RETRAIN_MODES,
+        "retrain_schedule": names.SCHEDULES,
+        "lt_granularity": names.GRANULARITIES,
+    }
+    for field, allowed in choices.items():
+        if config[field] not in allowed:
+            raise ConfigError(f"{field}={config[field]!r} must be one of {allowed}")
     for ratio in (config.prune_ratio, *config.monitor_ratios):
         if not 0 <= ratio < 1:
             raise ConfigError(f"prune ratio {ratio} must be in [0, 1), e.g. 0.5")
@@ -156,11 +182,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
             f"ticket_epoch={config.ticket_epoch} must be in [0, num_epochs={config.num_epochs}] "
             "(0: detect the ticket)"
         )
-    for field in ("keep_searching", "ticket_epoch"):
-        if config[field] and config.method != "eb":
-            raise ConfigError(f"{field} applies to method='eb' only, not {config.method!r}")
-    if config.retrain not in RETRAIN_MODES:
-        raise ConfigError(f"retrain={config.retrain!r} must be one of {RETRAIN_MODES}")
     if config.min_channels < 1 or config.round_to < 0:
         raise ConfigError("min_channels must be >= 1 and round_to >= 0")
     try:
@@ -175,12 +196,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if config.bfp.rounding not in ("stochastic", "nearest"):
         raise ConfigError(f"bfp.rounding={config.bfp.rounding!r} must be 'stochastic' or 'nearest'")
     try:
-        stage_precision(config, "search")
+        stage_precision(config, after_prune=False)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if not 0 <= config.swa_start_epoch < config.num_epochs:
         raise ConfigError(
             f"swa_start_epoch={config.swa_start_epoch} must be in [0, num_epochs) (0: no SWA)"
         )
-    if config.swa_start_epoch and config.keep_searching:
-        raise ConfigError("swa_start_epoch needs a final stage; keep_searching ends with none")
+    for field in ("thinet_images", "thinet_locations", "snip_batches"):
+        if config[field] < 1:
+            raise ConfigError(f"{field}={config[field]} must be >= 1")
+    try:
+        methods.check(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -1,9 +1,10 @@
 """Analytic cost of a network and of a training run, in the original's convention.
 
-PAPER.md §8: for one image, a multiply-add is 2 FLOPs (conv, linear; a linear bias adds
-1 per output), BatchNorm 2 per element, ReLU 1 per element, pooling k*k per output;
-channel selection and residual additions are free. Training costs 3 x the forward pass
-per image (forward + two backward products), times images, times epochs, per stage.
+The paper's convention (docs/method.md, "Cost"): for one image, a multiply-add is 2 FLOPs
+(conv, linear; a linear bias adds 1 per output), BatchNorm 2 per element, ReLU 1 per
+element, pooling k*k per output; channel selection and residual additions are free.
+Training costs 3 x the forward pass per image (forward + two backward products), times
+images, times epochs, per stage.
 
 The layers are found by tracing the model once at batch 1 (no compilation): its Conv,
 Dense and BatchNorm modules are intercepted with their shapes, and ReLU and pooling are
@@ -32,15 +33,26 @@ class Cost:
     flops: int
     macs: int
     params: int
+    nonzero_macs: int | None = None  # with a weight mask: the MACs of the kept weights
 
 
-def forward_cost(model: nn.Module, input_shape) -> Cost:
-    """The forward cost of `model` for one image of shape (H, W, C)."""
+def forward_cost(model: nn.Module, input_shape, weight_mask=None) -> Cost:
+    """The forward cost of `model` for one image of shape (H, W, C).
+
+    With a `weight_mask` (unstructured pruning) the counts stay those of the dense
+    network, as the paper counts them; `Cost.nonzero_macs` gives the multiply-adds with
+    a kept weight."""
     # One conv primitive per Conv whatever the backend; no quantisers, fp32.
     model = model.clone(conv_impl="xla", precision=FP32)
     x = jnp.zeros((1, *input_shape), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
-    counts = {"flops": 0, "macs": 0}
+    counts = {"flops": 0, "macs": 0, "nonzero_macs": 0}
+
+    def kept(module, out, macs: int) -> int:  # MACs whose weight the mask keeps
+        if weight_mask is None:
+            return macs
+        mask = np.asarray(weight_mask[module.name]["kernel"])
+        return out.size // out.shape[-1] * int(mask.sum())
 
     def count_module(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
@@ -51,10 +63,12 @@ def forward_cost(model: nn.Module, input_shape) -> Cost:
             k = module.kernel_size
             macs = k * k * inputs.shape[-1] * out.size
             counts["macs"] += macs
+            counts["nonzero_macs"] += kept(module, out, macs)
             counts["flops"] += 2 * macs
         elif isinstance(module, nn.Dense):
             macs = inputs.shape[-1] * out.size
             counts["macs"] += macs
+            counts["nonzero_macs"] += kept(module, out, macs)
             counts["flops"] += 2 * macs + (out.size if module.use_bias else 0)
         elif isinstance(module, nn.BatchNorm):
             counts["flops"] += 2 * inputs.size
@@ -67,7 +81,8 @@ def forward_cost(model: nn.Module, input_shape) -> Cost:
     jaxpr = jax.make_jaxpr(forward)(variables, x)
     counts["flops"] += _activation_and_pool_flops(jaxpr.jaxpr)
     params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
-    return Cost(flops=counts["flops"], macs=counts["macs"], params=params)
+    nonzero = counts["nonzero_macs"] if weight_mask is not None else None
+    return Cost(flops=counts["flops"], macs=counts["macs"], params=params, nonzero_macs=nonzero)
 
 
 def _activation_and_pool_flops(jaxpr) -> int:
@@ -91,5 +106,5 @@ def _activation_and_pool_flops(jaxpr) -> int:
 
 
 def training_flops(forward_flops: int, images_per_epoch: int, epochs: int) -> float:
-    """3 x forward x images x epochs (PAPER.md §8)."""
+    """3 x forward x images x epochs (the paper's training cost)."""
     return 3.0 * forward_flops * images_per_epoch * epochs

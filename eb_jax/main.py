@@ -14,8 +14,9 @@ from ml_collections import config_flags
 
 import eb_jax
 
-QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(eb_jax.__file__)), "configs",
-                          "quickstart.py")  # fmt: skip
+QUICKSTART = os.path.join(
+    os.path.dirname(os.path.dirname(eb_jax.__file__)), "configs", "quickstart.py"
+)
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for metrics, checkpoints and plots (default: runs/<config>)."
@@ -83,10 +84,12 @@ def run() -> None:
     try:
         _CONFIG.append(
             config_flags.DEFINE_config_file(
-                "config", QUICKSTART, "Training configuration file (configs/*.py).",
+                "config",
+                QUICKSTART,
+                "Training configuration file (configs/*.py).",
                 lock_config=True,
             )
-        )  # fmt: skip
+        )
     except Exception as e:
         _fail(_describe(e))
     app.run(main, flags_parser=parse_flags)

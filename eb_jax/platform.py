@@ -7,7 +7,7 @@ import os
 import jax
 
 # XLA's Eigen convolution instead of YNNPACK's on CPU: much faster for the mid-sized
-# VGG/ResNet convolutions on CPU (DESIGN.md). Ignored by other backends.
+# VGG/ResNet convolutions on CPU (docs/design.md). Ignored by other backends.
 CPU_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 
 
@@ -19,6 +19,11 @@ def set_cpu_xla_flags(enable: bool = True) -> None:
     os.environ["XLA_FLAGS"] = " ".join(flags)
 
 
-def describe() -> str:
-    devices = jax.local_devices()
-    return f"{len(devices)} x {devices[0].device_kind}"
+def describe(whole_run: bool = False) -> str:
+    """'2 x cpu': this process's devices (and, in a multi-process run, how many processes
+    have as many), or with `whole_run` every device of the run."""
+    kind = jax.local_devices()[0].device_kind
+    if whole_run:
+        return f"{jax.device_count()} x {kind}"
+    where = f" in each of {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    return f"{jax.local_device_count()} x {kind}{where}"

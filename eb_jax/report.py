@@ -7,64 +7,13 @@ and the run's report (report.json, a Table-2-like table, a cost chart).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 
 import numpy as np
 
-from eb_jax.config import FULL_SEARCH_METHODS
-
-logger = logging.getLogger("eb_jax")
-
-
-def setup_logging(process_index: int = 0) -> None:
-    """Progress lines to stdout, without the absl prefix; quiet third-party chatter.
-    Processes other than 0 of a multi-process run only report problems."""
-    import absl.logging
-    import tensorflow_datasets as tfds
-
-    absl.logging.set_verbosity(absl.logging.ERROR)
-    if not any(getattr(h, "_eb_jax", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._eb_jax = True
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO if process_index == 0 else logging.WARNING)
-    logger.propagate = False
-    tfds.disable_progress_bar()
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class MetricWriter:
-    """Scalars to TensorBoard event files (tensorboardX, no TensorFlow) and metrics.jsonl."""
-
-    def __init__(self, workdir: str, enabled: bool = True):
-        self.enabled = enabled
-        if not enabled:
-            return
-        from tensorboardX import SummaryWriter
-
-        os.makedirs(workdir, exist_ok=True)
-        self._tb = SummaryWriter(logdir=workdir, flush_secs=10)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
-
-    def write_scalars(self, step: int, scalars: dict) -> None:
-        if not self.enabled:
-            return
-        for name, value in scalars.items():
-            self._tb.add_scalar(name, value, step)
-        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-        self._jsonl.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._tb.close()
-            self._jsonl.close()
+from eb_jax import names
+from eb_jax.runlog import format_duration, setup_logging, write_json  # noqa: F401 (re-exported)
 
 
 def plot_mask_distances(search, path: str) -> None:
@@ -97,20 +46,23 @@ def plot_mask_distances(search, path: str) -> None:
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
-# --- The run's report (PAPER.md §8, Table 2): report.json, a table, a cost chart ---
+# --- The run's report (the paper's Table 2 costs): report.json, a table, a cost chart ---
 
 REPORT_FILE = "report.json"
-_COLUMNS = ("run", "method", "p", "precision", "ticket", "test acc", "PFLOPs", "vs dense",
-            "wall time", "params")  # fmt: skip
+_COLUMNS = (
+    "run",
+    "method",
+    "p",
+    "precision",
+    "ticket",
+    "test acc",
+    "PFLOPs",
+    "vs dense",
+    "wall time",
+    "params",
+)
 
 _DRAWN_BY = {"ticket_epoch": " fixed", "no emergence": " none", "full search": " final"}
-
-
-def write_json(path: str, record: dict, indent: int | None = None) -> None:
-    """Writes `record` to `path` whole or not at all (never a half-written file)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=indent)
-    os.replace(path + ".tmp", path)
 
 
 def write_report(workdir: str, record: dict) -> None:
@@ -145,25 +97,28 @@ def format_table(records: list[dict]) -> str:
     on the same schedule."""
     rows = [_COLUMNS]
     for r in records:
-        dense_pflops = r["stages"][0]["training_pflops"] / max(r["stages"][0]["epochs"], 1)
-        dense_run = dense_pflops * _schedule_epochs(r)
+        dense_run = dense_run_pflops(r)
         ticket = "-" if r["ticket_epoch"] is None else str(r["ticket_epoch"])
         ticket += _DRAWN_BY.get(r["ticket_drawn_by"], "")
-        rows.append((
-            r["run"],
-            r["method"] + (f"/{r['retrain']}" if r["method"] == "eb" and r["retrain"] else ""),
-            "-" if r["prune_ratio"] is None else f"{r['prune_ratio']:g}",
-            _precision(r),
-            ticket,
-            f"{100 * r['test_accuracy']:.2f}%" + (" swa" if r.get("swa") else ""),
-            _format_pflops(r["training_pflops"]),
-            f"{r['training_pflops'] / dense_run:.2f}x" if dense_run else "-",
-            format_duration(r["wall_time_s"]),
-            f"{r['params']['final']:,}",
-        ))  # fmt: skip
+        rows.append(
+            (
+                r["run"],
+                method_label(r),
+                "-" if r["prune_ratio"] is None else f"{r['prune_ratio']:g}",
+                _precision(r),
+                ticket,
+                f"{100 * r['test_accuracy']:.2f}%" + (" swa" if r.get("swa") else ""),
+                _format_pflops(r["training_pflops"]),
+                f"{r['training_pflops'] / dense_run:.2f}x" if dense_run else "-",
+                format_duration(r["wall_time_s"]),
+                f"{r['params']['final']:,}",
+            )
+        )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(_COLUMNS))]
-    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
-             for row in rows]  # fmt: skip
+    lines = [
+        "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -174,10 +129,27 @@ def _precision(record: dict) -> str:
     return names[0] if len(set(names)) == 1 else "/".join(names)
 
 
-def _schedule_epochs(record: dict) -> int:
-    """num_epochs of the run's schedule: 'ns'/'lt' train two schedules of equal length."""
-    total = sum(s["epochs"] for s in record["stages"])
-    return total // 2 if record["method"] in FULL_SEARCH_METHODS else total
+def method_label(record: dict) -> str:
+    """'eb/inherit', 'eb/reinit/fresh', 'lt/weights', 'snip', ...: the method as it ran."""
+    label = record["method"]
+    if label == names.EB and record["retrain"]:
+        label += f"/{record['retrain']}"
+        if record.get("retrain_schedule") == names.FRESH:
+            label += "/fresh"
+    if label == names.LT and record.get("granularity") == names.WEIGHTS:
+        label += "/weights"
+    return label
+
+
+def dense_run_pflops(record: dict) -> float:
+    """The training cost of dense training on the run's schedule (num_epochs): the first
+    stage of every method trains the dense network."""
+    first = record["stages"][0]
+    per_epoch = first["training_pflops"] / max(first["epochs"], 1)
+    if "num_epochs" in record:
+        return per_epoch * record["num_epochs"]
+    total = sum(s["epochs"] for s in record["stages"])  # reports written before num_epochs
+    return per_epoch * (total // 2 if record["method"] in (names.NS, names.LT) else total)
 
 
 def _format_pflops(pflops: float) -> str:
@@ -185,29 +157,62 @@ def _format_pflops(pflops: float) -> str:
 
 
 def plot_costs(records: list[dict], path: str) -> None:
-    """Training PFLOPs per run, stacked by stage (search / retrain / dense)."""
+    """Training FLOPs per run, stacked by stage, in a unit that suits their size, with
+    each run's dense training on the same schedule as a dashed reference."""
     from matplotlib.figure import Figure
 
-    colors = {"dense": "tab:gray", "search": "tab:blue", "retrain": "tab:orange"}
+    colors = {
+        names.DENSE: "tab:gray",
+        names.SEARCH: "tab:blue",
+        names.RETRAIN: "tab:orange",
+        names.MASKED: "tab:green",
+        names.SOFT: "tab:purple",
+    }
+    scale, unit = _flops_unit(max(max(r["training_pflops"], dense_run_pflops(r)) for r in records))
     fig = Figure(figsize=(1.6 + 1.2 * len(records), 3.8))
     ax = fig.subplots()
-    labels = [f"{r['run']}\n{r['method']}, {100 * r['test_accuracy']:.1f}%" for r in records]
+    labels = [f"{r['run']}\n{method_label(r)}, {100 * r['test_accuracy']:.1f}%" for r in records]
     seen = set()
     for i, r in enumerate(records):
         bottom = 0.0
         for s in r["stages"]:
             label = None if s["stage"] in seen else s["stage"]
             seen.add(s["stage"])
-            ax.bar(i, s["training_pflops"], bottom=bottom, color=colors[s["stage"]], label=label)
-            if s["training_pflops"]:
-                ax.text(i, bottom + s["training_pflops"] / 2, f"{s['epochs']} ep.",
-                        ha="center", va="center", fontsize=8)  # fmt: skip
-            bottom += s["training_pflops"]
+            height = s["training_pflops"] * scale
+            ax.bar(i, height, bottom=bottom, color=colors.get(s["stage"], "tab:red"), label=label)
+            if height:
+                ax.text(
+                    i,
+                    bottom + height / 2,
+                    f"{s['epochs']} ep.",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                )
+            bottom += height
+        dense = dense_run_pflops(r) * scale
+        ax.hlines(
+            dense,
+            i - 0.45,
+            i + 0.45,
+            colors="k",
+            linestyles="--",
+            lw=1,
+            label=None if i else "dense training, same schedule",
+        )
     ax.set_xticks(range(len(records)), labels, fontsize=8)
-    ax.set_ylabel("training cost (PFLOPs)")
+    ax.set_ylabel(f"training cost ({unit})")
     ax.set_title("training cost by stage (3 x forward x images x epochs)")
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def _flops_unit(pflops: float) -> tuple[float, str]:
+    """(factor from PFLOPs, unit name) so that `pflops` reads between 1 and 1000."""
+    for factor, unit in ((1, "PFLOPs"), (1e3, "TFLOPs"), (1e6, "GFLOPs"), (1e9, "MFLOPs")):
+        if pflops * factor >= 1:
+            return factor, unit
+    return 1e12, "kFLOPs"
 
 
 def main(argv=None) -> int:

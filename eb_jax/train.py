@@ -30,6 +30,17 @@ def lr_schedule(base_lr: float, boundaries_epochs, decay: float, steps_per_epoch
     )
 
 
+def stage_lr(config, steps_per_epoch: int, lr_origin: int = 0):
+    """The learning rate at each global step of a stage whose schedule starts at step
+    `lr_origin`: the one source the optimizer and the logged learning rate read."""
+    schedule = lr_schedule(
+        config.learning_rate, config.lr_boundaries, config.lr_decay, steps_per_epoch
+    )
+    if not lr_origin:
+        return schedule
+    return lambda step: schedule(step - lr_origin)
+
+
 def _is_bn_scale(params):
     """Marks the BatchNorm scale leaves (the only params named 'scale' in eb_jax models)."""
     return flax.traverse_util.path_aware_map(lambda path, _: path[-1] == "scale", params)
@@ -60,20 +71,21 @@ def create_optimizer(
     start_step: int = 0,
     sparsity: float | None = None,
     precision: lowp.Precision = lowp.FP32,
+    lr_origin: int = 0,
 ) -> optax.GradientTransformation:
     """SGD with PyTorch semantics: g += s*sign(bn scale); g += wd*p; buf = m*buf + g.
 
-    `start_step`: a fresh optimizer whose LR schedule goes on from that step (retraining).
+    A fresh optimizer for a stage that starts at global step `start_step`, its LR
+    schedule (`stage_lr`) starting at step `lr_origin`.
     `sparsity`: s, default `config.sparsity` (0 where no ticket is drawn from the scales).
     `precision` 'bfp8': g quantised after the sparsity term, buf after each update.
     """
     sparsity = config.sparsity if sparsity is None else sparsity
-    schedule = lr_schedule(
-        config.learning_rate, config.lr_boundaries, config.lr_decay, steps_per_epoch
-    )
-    if start_step:
+    schedule = stage_lr(config, steps_per_epoch)
+    offset = start_step - lr_origin  # the optimizer counts its own updates from 0
+    if offset:
         base = schedule
-        schedule = lambda count: base(count + start_step)  # noqa: E731
+        schedule = lambda count: base(count + offset)  # noqa: E731
     parts = []
     if sparsity:
         parts.append(add_bn_sparsity(sparsity))
@@ -83,8 +95,9 @@ def create_optimizer(
     if config.weight_decay:
         parts.append(optax.add_decayed_weights(config.weight_decay))
     if precision.quantized and config.momentum:
-        parts.append(lowp.quantized_momentum(config.momentum, fmt.momentum_bits, config.seed,
-                                             fmt.stochastic))  # fmt: skip
+        parts.append(
+            lowp.quantized_momentum(config.momentum, fmt.momentum_bits, config.seed, fmt.stochastic)
+        )
         parts.append(optax.scale_by_learning_rate(schedule))
     else:
         parts.append(optax.sgd(schedule, momentum=config.momentum or None, nesterov=False))
@@ -114,12 +127,20 @@ def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def train_step(state: TrainState, batch, axis_name: str | None = None,
-               precision: lowp.Precision = lowp.FP32, seed: int = 0):  # fmt: skip
+def train_step(
+    state: TrainState,
+    batch,
+    weight_mask=None,
+    axis_name: str | None = None,
+    precision: lowp.Precision = lowp.FP32,
+    seed: int = 0,
+):
     """One SGD step on `batch` ({'image', 'label'}); returns the new state and metrics.
 
-    `precision` 'bfp8' (the model's too): activations and errors rounded with noise drawn
-    from `seed`, the step and the device; the updated weights rounded too.
+    `weight_mask` (a params-shaped tree of bools, or None): the masked-out weights get no
+    gradient, so neither weight decay nor momentum moves them, and are set to exactly 0
+    after the update. `precision` 'bfp8' (the model's too): activations and errors rounded
+    with noise drawn from `seed`, the step and the device; the updated weights rounded too.
     """
     rngs = {}
     if precision.quantized and precision.bfp.stochastic:
@@ -141,12 +162,16 @@ def train_step(state: TrainState, batch, axis_name: str | None = None,
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)
+    if weight_mask is not None:
+        grads = apply_weight_mask(grads, weight_mask)
     step = state.step
     state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
     if precision.quantized:
         fmt = precision.bfp
         key = lowp.stream_key(seed, lowp.WEIGHTS, step) if fmt.stochastic else None
         state = state.replace(params=lowp.quantize_tree(state.params, fmt.weight_bits, key))
+    if weight_mask is not None:
+        state = state.replace(params=apply_weight_mask(state.params, weight_mask))
     n = batch["label"].shape[0]
     metrics = {
         "loss_sum": loss * n,
@@ -158,13 +183,20 @@ def train_step(state: TrainState, batch, axis_name: str | None = None,
     return state, metrics
 
 
+def apply_weight_mask(tree, weight_mask):
+    """`tree` (params-shaped) with the entries that `weight_mask` marks False set to 0."""
+    return jax.tree.map(lambda x, keep: jnp.where(keep, x, jnp.zeros_like(x)), tree, weight_mask)
+
+
 def bn_statistics_step(state: TrainState, batch, axis_name: str | None = None):
     """The BatchNorm batch statistics of `batch` under `state.params` (for SWA)."""
     zeros = jax.tree.map(jnp.zeros_like, state.batch_stats)
     _, updates = state.apply_fn(
-        {"params": state.params, "batch_stats": zeros}, batch["image"], train=True,
+        {"params": state.params, "batch_stats": zeros},
+        batch["image"],
+        train=True,
         mutable=["batch_stats"],
-    )  # fmt: skip
+    )
     # From zero, a running average holds (1 - momentum) x the batch's statistics.
     stats = jax.tree.map(lambda s: s / (1 - BN_MOMENTUM), updates["batch_stats"])
     if axis_name is not None:

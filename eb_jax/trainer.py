@@ -1,7 +1,14 @@
-"""Trains one network epoch by epoch over the local devices, checkpointing as it goes."""
+"""Trains one stage's network epoch by epoch over the local devices, checkpointing as it goes.
+
+A stage's settings are one frozen `StagePlan`; what the stages of a run share (config,
+data, checkpointer, metric writer, clock, ticket search, the record of finished stages)
+is one `RunContext`. `Trainer(run, plan, model, state)` builds nothing expensive;
+`compile()` compiles the steps ahead of time and `train_epoch(e)` trains.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -11,15 +18,71 @@ import jax
 import numpy as np
 
 from eb_jax import data as data_lib
-from eb_jax import parallel, report, train
+from eb_jax import parallel, train
 from eb_jax.checkpoint import config_record
+from eb_jax.lowp import Precision
 from eb_jax.models import bn_scales, model_widths
-
-logger = report.logger
+from eb_jax.prune.sfp import soft_prune
+from eb_jax.runlog import format_duration, logger
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    """One stage's settings: where it starts and ends (global steps and epochs), where its
+    LR schedule starts, its number format and sparsity, and its per-epoch extras."""
+
+    name: str
+    start_step: int
+    end_epoch: int
+    lr_origin: int
+    precision: Precision
+    sparsity: float
+    swa_start: int = 0  # average the weights from this epoch of the stage's schedule; 0: off
+    soft_prune_ratio: float = 0.0  # SFP: zero the weakest filters after every epoch
+
+
+@dataclasses.dataclass
+class Clock:
+    """The run's wall time and the part of it spent compiling, over stages and restarts."""
+
+    wall_before: float = 0.0
+    compile_s: float = 0.0
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def wall_time(self) -> float:
+        return self.wall_before + time.perf_counter() - self.started
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What every stage of one run shares; `record` (finished stages, the pruning step's
+    result) goes into every checkpoint's JSON."""
+
+    config: object
+    data: object
+    workdir: str
+    checkpointer: object
+    writer: object
+    clock: Clock
+    search: object = None
+    record: dict = dataclasses.field(default_factory=lambda: {"history": [], "pruned": None})
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return data_lib.input_pipeline.steps_per_epoch(self.data, self.config.batch_size)
+
+
+@dataclasses.dataclass
+class Resume:
+    """Mid-stage state from a checkpoint: the epoch's metric sums so far, the SWA average."""
+
+    epoch_sums: dict | None = None
+    swa_params: object = None
+    swa_count: int = 0
 
 
 class Trainer:
@@ -30,157 +93,151 @@ class Trainer:
     run, so an interrupted run stays bit-identical to an uninterrupted one).
     """
 
-    def __init__(self, config, data, model, workdir, state, checkpointer=None, search=None,
-                 meta=None, stage: str = "dense", extra_meta: dict | None = None,
-                 end_epoch: int | None = None, lr_origin: int = 0,
-                 wall_time_s: float = 0.0, compile_time_s: float = 0.0,
-                 swa_params=None):  # fmt: skip
-        """`end_epoch`: where this stage ends (default num_epochs); `lr_origin`: the step
-        at which the LR schedule starts; `wall_time_s`, `compile_time_s`: the run's wall
-        time and compilation time so far; `swa_params`: the weight average so far."""
-        self.config, self.data, self.model = config, data, model
-        self.stage, self.extra_meta = stage, extra_meta or {}
-        self.end_epoch = config.num_epochs if end_epoch is None else end_epoch
-        self.lr_origin = lr_origin
-        self.checkpointer, self.search = checkpointer, search
-        self.steps_per_epoch = data_lib.input_pipeline.steps_per_epoch(data, config.batch_size)
+    def __init__(
+        self,
+        run: RunContext,
+        plan: StagePlan,
+        model,
+        state,
+        weight_mask=None,
+        resume: Resume | None = None,
+    ):
+        """`resume`: given when `state` comes from a checkpoint of this stage."""
+        resumed, resume = resume is not None, resume or Resume()
+        self.run, self.plan, self.model = run, plan, model
         self.state = parallel.replicate(state)
-        self.step = int(state.step)  # global step = the optimizer's update count
-        self.p_train = parallel.pmap_step(
-            functools.partial(train.train_step, precision=model.precision, seed=config.seed)
+        self.step = int(state.step)  # global step = the optimizer's update count; host copy
+        self.weight_mask = None if weight_mask is None else parallel.replicate(weight_mask)
+        self.sums = resume.epoch_sums  # this epoch's train metrics so far
+        self.swa_count = resume.swa_count
+        self.swa_params = (
+            None if resume.swa_params is None else parallel.replicate(resume.swa_params)
         )
+        self.last_saved = self.step if resumed else None  # its checkpoint exists
+        self.start_step, self.last_metrics, self.compiling_s = self.step, {}, 0.0
+        self.started = time.perf_counter()
+        step_fn = functools.partial(
+            train.train_step, precision=model.precision, seed=run.config.seed
+        )
+        self.p_train = parallel.pmap_step(step_fn)
         self.p_eval = parallel.pmap_step(train.eval_step, donate_state=False)
         self.wait = parallel.must_wait_each_step()
-        self.writer = report.MetricWriter(workdir, enabled=jax.process_index() == 0)
-        self.sums = (meta or {}).get("epoch_sums")  # this epoch's train metrics so far
-        self.last_saved = self.step if meta else None
-        self.start_time, self.start_step, self.last_metrics = time.perf_counter(), self.step, {}
-        self.wall_time_before = (meta or {}).get("wall_time_s", wall_time_s)
-        self.compile_time_s = (meta or {}).get("compile_time_s", compile_time_s)
-        self.compiling_s = self._compile()  # this Trainer's (not in its ETA)
-        self.compile_time_s += self.compiling_s
-        # SWA in the stage that trains to the end (a searched network is cut afterwards).
-        self.swa_start = config.swa_start_epoch if stage in ("dense", "retrain") else 0
-        self.swa_count = (meta or {}).get("swa_count", 0)
-        self.swa_params = None if swa_params is None else parallel.replicate(swa_params)
-        logger.info(
-            "%s on %s: %d train / %d test images, %d steps/epoch, %s, workdir %s",
-            config.model, config.dataset, len(data.train), len(data.eval),
-            self.steps_per_epoch, _devices(), workdir,
-        )  # fmt: skip
 
     @property
     def epoch(self) -> int:
         """The epoch the next step belongs to."""
-        return self.step // self.steps_per_epoch
+        return self.step // self.run.steps_per_epoch
 
-    def _compile(self) -> float:
-        """Compiles the train and eval steps ahead of time; returns the seconds it took.
+    def compile(self) -> None:
+        """Compiles the train and eval steps ahead of time (not counted in the ETA).
 
         Multi-process runs compile at the first step instead (a multi-process pmap's
         ahead-of-time executable expects the global shapes), which the wall time counts
         and the compile time does not."""
         if jax.process_count() > 1:
-            return 0.0
+            return
         start = time.perf_counter()
-        n, shape = jax.local_device_count(), self.data.spec.image_shape
-
-        def batch(size: int, with_mask: bool) -> dict:
-            per_device = size // jax.device_count()
-            spec = {"image": jax.ShapeDtypeStruct((n, per_device, *shape), np.float32),
-                    "label": jax.ShapeDtypeStruct((n, per_device), np.int32)}  # fmt: skip
-            if with_mask:
-                spec["mask"] = jax.ShapeDtypeStruct((n, per_device), np.bool_)
-            return spec
-
-        self.p_train = self.p_train.lower(self.state, batch(self.config.batch_size, False))
-        self.p_train = self.p_train.compile()
-        self.p_eval = self.p_eval.lower(self.state, batch(self.config.eval_batch_size, True))
-        self.p_eval = self.p_eval.compile()
-        return time.perf_counter() - start
-
-    def wall_time(self) -> float:
-        """Seconds this run has spent training, over every stage and restart."""
-        return self.wall_time_before + time.perf_counter() - self.start_time
+        config = self.run.config
+        mask = () if self.weight_mask is None else (self.weight_mask,)
+        train_batch = _batch_spec(config.batch_size, self.run.data.spec.image_shape, False)
+        eval_batch = _batch_spec(config.eval_batch_size, self.run.data.spec.image_shape, True)
+        self.p_train = self.p_train.lower(self.state, train_batch, *mask).compile()
+        self.p_eval = self.p_eval.lower(self.state, eval_batch).compile()
+        self.compiling_s = time.perf_counter() - start
+        self.run.clock.compile_s += self.compiling_s
 
     def bn_scales(self) -> list:
         """The BN scale vectors (first device's copy) in module order."""
         return bn_scales(self.model, jax.tree.map(lambda x: x[0], self.state.params))
 
+    def learning_rate(self, step: int) -> float:
+        """The LR the optimizer used at global `step` (from the same schedule)."""
+        lr = train.stage_lr(self.run.config, self.run.steps_per_epoch, self.plan.lr_origin)
+        return float(lr(step))
+
     def train_epoch(self, epoch: int) -> dict:
         """Trains the rest of `epoch` (all of it unless resumed mid-epoch), then evaluates."""
-        config = self.config
-        first = self.step - epoch * self.steps_per_epoch
-        if not 0 <= first < self.steps_per_epoch:
+        spe = self.run.steps_per_epoch
+        first = self.step - epoch * spe
+        if not 0 <= first < spe:
             raise ValueError(f"at step {self.step}, epoch {epoch} is not the current one")
         epoch_start = time.perf_counter()
-        batches = data_lib.train_batches(
-            self.data, config.batch_size, config.seed, epoch, first, *_process(),
-            num_threads=config.num_data_threads, num_workers=config.num_data_workers,
-        )  # fmt: skip
         if first == 0:
             self.sums = None
-        for batch in batches:
-            self.state, metrics = self.p_train(self.state, parallel.shard(batch))
-            if self.wait:
-                jax.block_until_ready(metrics)
-            self.sums = _accumulate(self.sums, metrics)
-            self.step += 1
-            if self.wait:
-                self._check_finite()
-            done = self.step - epoch * self.steps_per_epoch
-            if config.log_every_steps and done % config.log_every_steps == 0:
+        for batch in _loader(self.run, "train", epoch, first):
+            self._step(batch)
+            done = self.step - epoch * spe
+            if self.run.config.log_every_steps and done % self.run.config.log_every_steps == 0:
                 self._log_progress(epoch, done, first, epoch_start)
-            every = config.checkpoint_every_steps
-            if every and self.step % every == 0 and done < self.steps_per_epoch:
+            every = self.run.config.checkpoint_every_steps
+            if every and self.step % every == 0 and done < spe:
                 self.save()
         train_time = time.perf_counter() - epoch_start
         self._check_finite()
+        if self.plan.soft_prune_ratio:
+            self._soft_prune()
         self.state = parallel.sync_batch_stats(self.state)
-        if self.swa_start and epoch - self.lr_origin // self.steps_per_epoch >= self.swa_start:
+        if self.plan.swa_start and epoch - self.plan.lr_origin // spe >= self.plan.swa_start:
             self._average_weights()
-        test = self.evaluate()
-        trained = _rates(self.sums)
-        elapsed = time.perf_counter() - self.start_time - self.compiling_s
-        steps_left = self.end_epoch * self.steps_per_epoch - self.step
+        metrics = self._epoch_metrics(epoch, first, train_time)
+        self.last_metrics = metrics
+        self.save()
+        return metrics
+
+    def _step(self, batch) -> None:
+        mask = () if self.weight_mask is None else (self.weight_mask,)
+        self.state, metrics = self.p_train(self.state, parallel.shard(batch), *mask)
+        if self.wait:
+            jax.block_until_ready(metrics)
+        self.sums = _accumulate(self.sums, metrics)
+        self.step += 1
+        if self.wait:
+            self._check_finite()
+
+    def _epoch_metrics(self, epoch: int, first: int, train_time: float) -> dict:
+        """Evaluates; writes and logs the epoch's metrics with the stage's ETA."""
+        spe, config = self.run.steps_per_epoch, self.run.config
+        test, trained = self.evaluate(), _rates(self.sums)
+        elapsed = time.perf_counter() - self.started - self.compiling_s
+        steps_left = self.plan.end_epoch * spe - self.step
         eta = elapsed / max(self.step - self.start_step, 1) * steps_left
-        lr = train.lr_schedule(
-            config.learning_rate, config.lr_boundaries, config.lr_decay, self.steps_per_epoch
-        )(self.step - 1 - self.lr_origin)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": trained["loss"],
             "train_accuracy": trained["accuracy"],
             "test_loss": test["loss"],
             "test_accuracy": test["accuracy"],
-            "images_per_sec": (self.steps_per_epoch - first) * config.batch_size / train_time,
-            "learning_rate": float(lr),
+            "images_per_sec": (spe - first) * config.batch_size / train_time,
+            "learning_rate": self.learning_rate(self.step - 1),
         }
-        self.writer.write_scalars(self.step, metrics)
+        self.run.writer.write_scalars(self.step, metrics)
         logger.info(
             "epoch %3d/%d  loss %.4f  train %.2f%%  test %.2f%%  %.0f img/s  ETA %s",
-            epoch + 1, self.end_epoch, metrics["train_loss"],
-            100 * metrics["train_accuracy"], 100 * metrics["test_accuracy"],
-            metrics["images_per_sec"], report.format_duration(eta),
-        )  # fmt: skip
-        self.last_metrics = metrics
-        self.save()
+            epoch + 1,
+            self.plan.end_epoch,
+            metrics["train_loss"],
+            100 * metrics["train_accuracy"],
+            100 * metrics["test_accuracy"],
+            metrics["images_per_sec"],
+            format_duration(eta),
+        )
         return metrics
 
     def evaluate(self, state=None) -> dict:
         """Loss and accuracy over the whole eval split (of `state`, default the trained)."""
         state = self.state if state is None else state
         sums = None
-        config = self.config
-        batches = data_lib.eval_batches(self.data, config.eval_batch_size, *_process(),
-                                        num_threads=config.num_data_threads,
-                                        num_workers=config.num_data_workers)  # fmt: skip
-        for batch in batches:
+        for batch in _loader(self.run, "eval"):
             metrics = self.p_eval(state, parallel.shard(batch))
             if self.wait:
                 jax.block_until_ready(metrics)
             sums = _accumulate(sums, metrics)
         return _rates(sums)
+
+    def _soft_prune(self) -> None:
+        params = parallel.unreplicate(self.state.params)
+        pruned = soft_prune(self.model, params, self.plan.soft_prune_ratio)
+        self.state = self.state.replace(params=parallel.replicate(pruned))
 
     def _average_weights(self) -> None:
         if self.swa_count == 0:  # a copy: the train step donates (frees) the state's
@@ -194,55 +251,56 @@ class Trainer:
         data: (its eval metrics, its variables on the host)."""
         state = self.state.replace(params=self.swa_params)
         p_stats = parallel.pmap_step(train.bn_statistics_step, donate_state=False)
-        config = self.config
-        batches = data_lib.train_batches(
-            self.data, config.batch_size, config.seed, self.end_epoch, 0, *_process(),
-            num_threads=config.num_data_threads, num_workers=config.num_data_workers,
-        )  # fmt: skip
         sums, count = None, 0
-        for batch in batches:
+        for batch in _loader(self.run, "train", self.plan.end_epoch, 0):
             stats = p_stats(state, parallel.shard(batch))
             sums = stats if sums is None else jax.tree.map(jax.numpy.add, sums, stats)
             count += 1
         state = state.replace(batch_stats=jax.tree.map(lambda s: s / count, sums))
         metrics = self.evaluate(state)
         host = parallel.unreplicate(state)
-        logger.info("SWA over %d epochs: test %.2f%% (BN statistics recomputed)",
-                    self.swa_count, 100 * metrics["accuracy"])  # fmt: skip
+        logger.info(
+            "SWA over %d epochs: test %.2f%% (BN statistics recomputed)",
+            self.swa_count,
+            100 * metrics["accuracy"],
+        )
         return metrics, {"params": host.params, "batch_stats": host.batch_stats}
 
     def save(self) -> None:
-        """Checkpoints the state, the search, the stage and the position (once per step)."""
-        if self.checkpointer is None or self.last_saved == self.step:
+        """Checkpoints the state and everything a resumed run needs (once per step)."""
+        run = self.run
+        if run.checkpointer is None or self.last_saved == self.step:
             return
         self._check_finite()
         self.state = parallel.sync_batch_stats(self.state)
-        state = parallel.unreplicate(self.state)
-        arrays = {"train": flax.serialization.to_state_dict(state)}
+        arrays = {"train": flax.serialization.to_state_dict(parallel.unreplicate(self.state))}
         meta = {
-            "model": self.config.model,
-            "num_classes": self.data.num_classes,
-            "input_shape": list(self.data.spec.image_shape),
+            "model": run.config.model,
+            "num_classes": run.data.num_classes,
+            "input_shape": list(run.data.spec.image_shape),
             "widths": model_widths(self.model),
-            "stage": self.stage,
+            "stage": self.plan.name,
+            "stage_start_step": self.plan.start_step,
             "step": self.step,
             "epoch": self.epoch,
             "epoch_sums": _host(self.sums) if self.sums else None,
-            "config": config_record(self.config),
-            "wall_time_s": self.wall_time(),
-            "compile_time_s": self.compile_time_s,
-            **self.extra_meta,
+            "config": config_record(run.config),
+            "wall_time_s": run.clock.wall_time(),
+            "compile_time_s": run.clock.compile_s,
+            **run.record,
         }
-        if self.search is not None:
-            arrays["search"], meta["search"] = self.search.state_dict()
+        if run.search is not None:
+            arrays["search"], meta["search"] = run.search.state_dict()
         if self.swa_count:
             arrays["swa"], meta["swa_count"] = parallel.unreplicate(self.swa_params), self.swa_count
-        self.checkpointer.save(self.step, arrays, meta)
+        if self.weight_mask is not None:
+            arrays["weight_mask"] = parallel.unreplicate(self.weight_mask)
+        run.checkpointer.save(self.step, arrays, meta)
         self.last_saved = self.step
 
     def _check_finite(self) -> None:
         if self.sums is not None and not math.isfinite(_host(self.sums)["loss_sum"]):
-            saved = self.checkpointer.steps() if self.checkpointer else []
+            saved = self.run.checkpointer.steps() if self.run.checkpointer else []
             kept = (
                 f"the last good checkpoint (step {saved[-1]}) is kept" if saved else "no checkpoint"
             )
@@ -253,21 +311,45 @@ class Trainer:
 
     def _log_progress(self, epoch: int, done: int, first: int, epoch_start: float) -> None:
         elapsed = time.perf_counter() - epoch_start
-        rates = _rates(self.sums)
+        rates, spe = _rates(self.sums), self.run.steps_per_epoch
         logger.info(
             "epoch %3d  step %d/%d  loss %.4f  train %.2f%%  %.0f img/s  epoch ETA %s",
-            epoch + 1, done, self.steps_per_epoch, rates["loss"], 100 * rates["accuracy"],
-            (done - first) * self.config.batch_size / elapsed,
-            report.format_duration(elapsed / (done - first) * (self.steps_per_epoch - done)),
-        )  # fmt: skip
+            epoch + 1,
+            done,
+            spe,
+            rates["loss"],
+            100 * rates["accuracy"],
+            (done - first) * self.run.config.batch_size / elapsed,
+            format_duration(elapsed / (done - first) * (spe - done)),
+        )
 
 
 _p_swa_update = jax.pmap(train.swa_update, in_axes=(0, 0, None))
 
 
-def _process() -> tuple[int, int]:
-    """(this process's index, the number of processes): which share of the data it reads."""
-    return jax.process_index(), jax.process_count()
+def _loader(run: RunContext, split: str, epoch: int = 0, first: int = 0):
+    """This process's batches: the training batches of `epoch` from step `first`, or the
+    whole eval split."""
+    config = run.config
+    where = (jax.process_index(), jax.process_count())
+    workers = {"num_threads": config.num_data_threads, "num_workers": config.num_data_workers}
+    if split == "train":
+        return data_lib.train_batches(
+            run.data, config.batch_size, config.seed, epoch, first, *where, **workers
+        )
+    return data_lib.eval_batches(run.data, config.eval_batch_size, *where, **workers)
+
+
+def _batch_spec(size: int, shape, with_mask: bool) -> dict:
+    """The abstract per-device batch of a global `size` (ahead-of-time compilation)."""
+    n, per_device = jax.local_device_count(), size // jax.device_count()
+    spec = {
+        "image": jax.ShapeDtypeStruct((n, per_device, *shape), np.float32),
+        "label": jax.ShapeDtypeStruct((n, per_device), np.int32),
+    }
+    if with_mask:
+        spec["mask"] = jax.ShapeDtypeStruct((n, per_device), np.bool_)
+    return spec
 
 
 def _accumulate(sums, device_metrics) -> dict:
@@ -289,8 +371,3 @@ def _rates(sums: dict) -> dict:
     sums = _host(sums)
     count = max(sums["count"], 1)
     return {"loss": sums["loss_sum"] / count, "accuracy": sums["correct"] / count}
-
-
-def _devices() -> str:
-    where = f" in each of {jax.process_count()} processes" if jax.process_count() > 1 else ""
-    return f"{jax.local_device_count()} x {jax.local_devices()[0].device_kind}{where}"

@@ -16,16 +16,26 @@ from eb_jax import pipeline, train
 from eb_jax.checkpoint import Checkpointer, load_model
 from eb_jax.config import default_config
 from eb_jax.data import open_dataset
+from eb_jax.lowp import FP32
 from eb_jax.models import create_model
-from eb_jax.trainer import Trainer
+from eb_jax.runlog import MetricWriter
+from eb_jax.trainer import Clock, RunContext, StagePlan, Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _command(workdir, data_dir, *extra):
-    return [sys.executable, "-m", "eb_jax.main", "--workdir", str(workdir),
-            f"--config.data_dir={data_dir}", "--config.num_epochs=4",
-            "--config.checkpoint_every_steps=5", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "eb_jax.main",
+        "--workdir",
+        str(workdir),
+        f"--config.data_dir={data_dir}",
+        "--config.num_epochs=4",
+        "--config.checkpoint_every_steps=5",
+        *extra,
+    ]
 
 
 def _run_killed_when(cmd, predicate, timeout=180):
@@ -80,10 +90,17 @@ def test_killed_quickstart_resumes_bit_identically(tmp_path, data_dir):
 def _config(data_dir, **overrides):
     config = default_config()
     config.update(
-        model="vgg_tiny", dataset="digits", data_dir=data_dir, batch_size=128,
-        eval_batch_size=120, num_epochs=2, lr_boundaries=(), log_every_steps=0,
-        checkpoint_every_steps=4, async_checkpoints=False,
-    )  # fmt: skip
+        model="vgg_tiny",
+        dataset="digits",
+        data_dir=data_dir,
+        batch_size=128,
+        eval_batch_size=120,
+        num_epochs=2,
+        lr_boundaries=(),
+        log_every_steps=0,
+        checkpoint_every_steps=4,
+        async_checkpoints=False,
+    )
     config.update(overrides)
     return config
 
@@ -113,8 +130,9 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, data
     _damage(tmp_path, 11, how)
     with caplog.at_level("INFO", logger="eb_jax"):
         pipeline.run(_config(data_dir, num_epochs=2), str(tmp_path))
-    warnings = [r.getMessage() for r in caplog.records
-                if r.name == "eb_jax" and r.levelname == "WARNING"]  # fmt: skip
+    warnings = [
+        r.getMessage() for r in caplog.records if r.name == "eb_jax" and r.levelname == "WARNING"
+    ]
     assert len(warnings) == 1 and "checkpoint step 11 is damaged" in warnings[0]
     assert "\n" not in warnings[0]
     assert any(e.startswith("damaged-11-") for e in _entries(tmp_path))  # kept, set aside
@@ -125,10 +143,18 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, data
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, data_dir):
     # lr x1e12 from epoch 1 on: the loss blows up after the epoch-0 checkpoint (step 22).
-    cmd = [sys.executable, "-m", "eb_jax.main", "--workdir", str(tmp_path),
-           f"--config.data_dir={data_dir}", "--config.lr_boundaries=(1,)",
-           "--config.lr_decay=1e12", "--config.method=dense",
-           "--config.checkpoint_every_steps=0"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "eb_jax.main",
+        "--workdir",
+        str(tmp_path),
+        f"--config.data_dir={data_dir}",
+        "--config.lr_boundaries=(1,)",
+        "--config.lr_decay=1e12",
+        "--config.method=dense",
+        "--config.checkpoint_every_steps=0",
+    ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     errors = result.stderr.strip().splitlines()
@@ -139,9 +165,16 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
 
 def test_config_that_does_not_match_the_checkpoint_is_a_clear_error(tmp_path, data_dir):
     pipeline.run(_config(data_dir, num_epochs=1), str(tmp_path))
-    cmd = [sys.executable, "-m", "eb_jax.main", "--workdir", str(tmp_path),
-           f"--config.data_dir={data_dir}", "--config.model=vgg_tiny",
-           "--config.batch_size=64"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "eb_jax.main",
+        "--workdir",
+        str(tmp_path),
+        f"--config.data_dir={data_dir}",
+        "--config.model=vgg_tiny",
+        "--config.batch_size=64",
+    ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     errors = result.stderr.strip().splitlines()
@@ -158,18 +191,20 @@ def test_pruned_model_is_rebuilt_from_the_checkpoint_metadata_alone(tmp_path, da
     tx = train.create_optimizer(config, 11)
     state = train.create_train_state(narrow, jax.random.key(1), (8, 8, 1), tx)
     checkpointer = Checkpointer(str(tmp_path), async_save=False)
-    trainer = Trainer(config, data, narrow, str(tmp_path), state, checkpointer)
+    writer = MetricWriter(str(tmp_path))
+    run = RunContext(config, data, str(tmp_path), checkpointer, writer, Clock())
+    plan = StagePlan("dense", 0, config.num_epochs, 0, FP32, 0.0)
+    trainer = Trainer(run, plan, narrow, state)
     trainer.train_epoch(0)
     checkpointer.close()
-    trainer.writer.close()
+    writer.close()
 
     model, variables, meta = load_model(str(tmp_path))
     assert meta["widths"] == {"cfg": [3, "M", 5, 2]}
     assert variables["params"]["conv2"]["kernel"].shape == (3, 3, 5, 2)
     images = np.random.default_rng(0).standard_normal((4, 8, 8, 1)).astype(np.float32)
     trained = jax.tree.map(lambda x: x[0], trainer.state)
-    expected = narrow.apply({"params": trained.params, "batch_stats": trained.batch_stats},
-                            images)  # fmt: skip
+    expected = narrow.apply({"params": trained.params, "batch_stats": trained.batch_stats}, images)
     np.testing.assert_array_equal(model.apply(variables, images), expected)
     assert json.loads(json.dumps(meta))["stage"] == "dense"
 

@@ -52,37 +52,47 @@ def test_quickstart_runs_eb_train_end_to_end(tmp_path, data_dir):
     report = json.loads((workdir / "report.json").read_text())
     assert report["method"] == "eb" and report["ticket_epoch"] == ticket["epoch"]
     assert [(s["stage"], s["epochs"]) for s in report["stages"]] == [
-        ("search", ticket["epoch"]), ("retrain", 20 - ticket["epoch"])
-    ]  # fmt: skip
+        ("search", ticket["epoch"]),
+        ("retrain", 20 - ticket["epoch"]),
+    ]
     assert report["test_accuracy"] == metrics[-1]["test_accuracy"]
     assert report["params"]["dense"] == 288170 > report["params"]["final"]
     assert "run  method      p    precision  ticket  test acc  PFLOPs" in out  # the table
     assert (workdir / "cost.png").stat().st_size > 5_000
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--config.foo=1"], "the config has no field 'foo'"),
-    (["--config.batch_size=abc"], "--config.batch_size=abc"),
-    (["--config", "configs/missing.py"], "cannot load the config file"),
-    (["--config.batch_size=63"], "batch_size=63 must be a positive multiple of the 2 devices"),
-    (["--config.model=vgg99"], "unknown model 'vgg99'"),
-    (["--config.dataset=mnist"], "unknown dataset 'mnist'"),
-    (["--config", "configs/vgg16_cifar10.py"], "not prepared as array_record"),
-    (["--bogus"], "Unknown command line flag 'bogus'"),
-    (["--config.prune_ratio=1.0"], "prune ratio 1.0 must be in [0, 1)"),
-    (["--config.monitor_ratios=(0.3,-0.1)"], "prune ratio -0.1 must be in [0, 1)"),
-    (["--config.eb_window=1"], "early-bird window must be >= 2"),
-    (["--config.method=magic"], "method='magic' must be one of"),
-    (["--config.retrain=later"], "retrain='later' must be one of"),
-    (["--config.min_channels=0"], "min_channels must be >= 1 and round_to >= 0"),
-    (["--config.checkpoints_to_keep=0"], "checkpoints_to_keep must be >= 1"),
-    (["--config.ticket_epoch=50"], "ticket_epoch=50 must be in [0, num_epochs=20]"),
-    (["--config.method=ns", "--config.keep_searching=True"], "keep_searching applies to"),
-    (["--config.precision.search=int4"], "precision.search='int4' must be one of"),
-    (["--config.distributed.coordinator_address=127.0.0.1:1", "--config.distributed.process_id=3",
-      "--config.distributed.num_processes=2"], "process_id=3 must be in [0, num_processes=2)"),
-    (["stray"], "unexpected arguments: stray"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--config.foo=1"], "the config has no field 'foo'"),
+        (["--config.batch_size=abc"], "--config.batch_size=abc"),
+        (["--config", "configs/missing.py"], "cannot load the config file"),
+        (["--config.batch_size=63"], "batch_size=63 must be a positive multiple of the 2 devices"),
+        (["--config.model=vgg99"], "unknown model 'vgg99'"),
+        (["--config.dataset=mnist"], "unknown dataset 'mnist'"),
+        (["--config", "configs/vgg16_cifar10.py"], "not prepared as array_record"),
+        (["--bogus"], "Unknown command line flag 'bogus'"),
+        (["--config.prune_ratio=1.0"], "prune ratio 1.0 must be in [0, 1)"),
+        (["--config.monitor_ratios=(0.3,-0.1)"], "prune ratio -0.1 must be in [0, 1)"),
+        (["--config.eb_window=1"], "early-bird window must be >= 2"),
+        (["--config.method=magic"], "method='magic' must be one of"),
+        (["--config.retrain=later"], "retrain='later' must be one of"),
+        (["--config.min_channels=0"], "min_channels must be >= 1 and round_to >= 0"),
+        (["--config.checkpoints_to_keep=0"], "checkpoints_to_keep must be >= 1"),
+        (["--config.ticket_epoch=50"], "ticket_epoch=50 must be in [0, num_epochs=20]"),
+        (["--config.method=ns", "--config.keep_searching=True"], "keep_searching applies to"),
+        (["--config.precision.search=int4"], "precision.search='int4' must be one of"),
+        (
+            [
+                "--config.distributed.coordinator_address=127.0.0.1:1",
+                "--config.distributed.process_id=3",
+                "--config.distributed.num_processes=2",
+            ],
+            "process_id=3 must be in [0, num_processes=2)",
+        ),
+        (["stray"], "unexpected arguments: stray"),
+    ],
+)
 def test_bad_input_is_a_one_line_error(args, message, tmp_path, data_dir):
     result = _main("--workdir", str(tmp_path / "w"), *args, data_dir=data_dir, timeout=120)
     assert result.returncode == 2
@@ -97,8 +107,7 @@ def test_defaults_work_without_workdir_from_any_directory(tmp_path):
     the default workdir computed (the run then stops at the bad dataset)."""
     env = {**os.environ, "PYTHONPATH": ROOT}
     cmd = [sys.executable, "-m", "eb_jax.main", "--config.dataset=mnist"]
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=120)  # fmt: skip
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip() == (
         "eb_jax: error: unknown dataset 'mnist'; choose one of: digits, cifar10, cifar100, "

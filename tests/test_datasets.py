@@ -9,8 +9,14 @@ from eb_jax.config import load_config
 from eb_jax.data import eval_batches, in_memory, input_pipeline, open_dataset, train_batches
 from eb_jax.data.input_pipeline import Dataset, DatasetSpec
 
-PAPER_CONFIGS = ["vgg16_cifar10", "vgg16_cifar100", "preresnet101_cifar10",
-                 "preresnet101_cifar100", "resnet18_imagenet", "resnet50_imagenet"]  # fmt: skip
+PAPER_CONFIGS = [
+    "vgg16_cifar10",
+    "vgg16_cifar100",
+    "preresnet101_cifar10",
+    "preresnet101_cifar100",
+    "resnet18_imagenet",
+    "resnet50_imagenet",
+]
 
 
 def _pixels(batch, spec):
@@ -23,8 +29,9 @@ def test_paper_config_pipeline_on_mock_data(name):
     config = load_config(name)
     with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
         data = open_dataset(config.dataset, config.data_dir or None)
-        train = list(train_batches(data, 8, config.seed, epoch=0,
-                                   num_threads=config.num_data_threads))  # fmt: skip
+        train = list(
+            train_batches(data, 8, config.seed, epoch=0, num_threads=config.num_data_threads)
+        )
         test = list(eval_batches(data, 8, num_threads=config.num_data_threads))
     spec = data.spec
     assert (
@@ -70,23 +77,30 @@ def _per_example_data(n=100):
 def _in_memory_data(n=100):
     images = np.stack([np.full((8, 8, 3), i % 256, np.uint8) for i in range(n)])
     spec = DatasetSpec("index", "train", "test", (8, 8, 3), (0.5,) * 3, (0.25,) * 3, "cifar", True)
-    return Dataset(spec, in_memory.ArraySource(images, np.arange(n, dtype=np.int32)),
-                   in_memory.ArraySource(images[: n // 2], np.arange(n // 2, dtype=np.int32)),
-                   num_classes=n)  # fmt: skip
+    return Dataset(
+        spec,
+        in_memory.ArraySource(images, np.arange(n, dtype=np.int32)),
+        in_memory.ArraySource(images[: n // 2], np.arange(n // 2, dtype=np.int32)),
+        num_classes=n,
+    )
 
 
 @pytest.mark.parametrize("make", [_per_example_data, _in_memory_data], ids=["grain", "memory"])
 def test_two_processes_see_every_example_exactly_once_per_epoch(make):
     data = make()
     for epoch in (0, 1):
-        shards = [np.concatenate([b["label"] for b in train_batches(data, 8, 0, epoch, 0, i, 2)])
-                  for i in range(2)]  # fmt: skip
+        shards = [
+            np.concatenate([b["label"] for b in train_batches(data, 8, 0, epoch, 0, i, 2)])
+            for i in range(2)
+        ]
         assert len(shards[0]) == len(shards[1]) == 12 * 4  # 100 // 8 steps of 4 each
         seen = np.concatenate(shards)
         assert len(set(seen.tolist())) == len(seen)  # no example twice
         assert len(seen) > 100 - 8  # only the last partial global batch is dropped
-    evals = [np.concatenate([b["label"][b["mask"]] for b in eval_batches(data, 8, i, 2)])
-             for i in range(2)]  # fmt: skip
+    evals = [
+        np.concatenate([b["label"][b["mask"]] for b in eval_batches(data, 8, i, 2)])
+        for i in range(2)
+    ]
     assert sorted(np.concatenate(evals).tolist()) == list(range(50))
 
 

@@ -124,8 +124,10 @@ def test_quantised_layer_gradient_matches_finite_differences():
 
 def _batch(n=8, seed=0):
     rng = np.random.default_rng(seed)
-    return {"image": rng.standard_normal((n, 8, 8, 1)).astype(np.float32),
-            "label": rng.integers(0, 10, n).astype(np.int32)}  # fmt: skip
+    return {
+        "image": rng.standard_normal((n, 8, 8, 1)).astype(np.float32),
+        "label": rng.integers(0, 10, n).astype(np.int32),
+    }
 
 
 def _loss(state, batch):
@@ -133,8 +135,9 @@ def _loss(state, batch):
 
     def loss(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
-        logits, updates = state.apply_fn(variables, batch["image"], train=True,
-                                         mutable=["batch_stats"])  # fmt: skip
+        logits, updates = state.apply_fn(
+            variables, batch["image"], train=True, mutable=["batch_stats"]
+        )
         return train.cross_entropy(logits, batch["label"]), updates
 
     return loss
@@ -154,8 +157,11 @@ def test_model_gradients_at_24_bits_match_fp32(model):
 
         return jax.jit(jax.grad(_loss(state, _batch()), has_aux=True))(state.params)[0]
 
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6),
-                 grads(FINE), grads(lowp.FP32))  # fmt: skip
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6),
+        grads(FINE),
+        grads(lowp.FP32),
+    )
 
 
 BFP8 = lowp.Precision("bfp8")
@@ -188,7 +194,9 @@ def test_bfp_step_is_seeded_and_keeps_weights_and_momentum_in_the_format():
 
 def test_bfp_pmap_step_keeps_the_devices_replicas_equal():
     state = parallel.replicate(_state(BFP8))
-    step = parallel.pmap_step(lambda s, b, axis_name: train.train_step(s, b, axis_name, BFP8, 0))
+    step = parallel.pmap_step(
+        lambda s, b, axis_name: train.train_step(s, b, axis_name=axis_name, precision=BFP8)
+    )
     for i in range(2):
         state, _ = step(state, parallel.shard(_batch(seed=i), 2))
     for x in jax.tree.leaves(state.params):
@@ -218,8 +226,11 @@ def test_precision_off_is_the_plain_fp32_step():
     )
     deltas, _ = tx.update(grads, tx.init(state.params), state.params)
     expected = optax.apply_updates(state.params, deltas)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
-                 states[0].params, expected)  # fmt: skip
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
+        states[0].params,
+        expected,
+    )
     jax.tree.map(np.testing.assert_array_equal, states[0].batch_stats, updates["batch_stats"])
 
 
@@ -227,16 +238,20 @@ def test_bf16_computes_in_bf16_and_keeps_fp32_weights_and_statistics():
     bf16 = lowp.Precision("bf16")
     state, reference = _state(bf16), _state(lowp.FP32)
     batch = _batch()
-    jaxpr = str(jax.make_jaxpr(lambda v: state.apply_fn(v, batch["image"]))(
-        {"params": state.params, "batch_stats": state.batch_stats}))  # fmt: skip
+    jaxpr = str(
+        jax.make_jaxpr(lambda v: state.apply_fn(v, batch["image"]))(
+            {"params": state.params, "batch_stats": state.batch_stats}
+        )
+    )
     assert "conv_general_dilated" in jaxpr and "bf16[8,8,8,8]" in jaxpr
     new, metrics = _jitted_step(bf16, 0)(state, batch)
     ref, ref_metrics = _jitted_step(lowp.FP32, 0)(reference, batch)
     for tree in (new.params, new.batch_stats):
         assert all(x.dtype == np.float32 for x in jax.tree.leaves(tree))
     np.testing.assert_allclose(metrics["loss_sum"], ref_metrics["loss_sum"], rtol=2e-2)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0.1, atol=2e-3),
-                 new.params, ref.params)  # fmt: skip
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=0.1, atol=2e-3), new.params, ref.params
+    )
 
 
 @pytest.mark.parametrize(
@@ -259,7 +274,8 @@ def test_config_errors(overrides, message):
 def test_stage_precision_follows_the_config():
     config = default_config()
     config.precision.search, config.bfp.error_bits, config.bfp.rounding = "bfp8", 6, "nearest"
-    search, retrain = stage_precision(config, "search"), stage_precision(config, "retrain")
-    assert search == lowp.Precision("bfp8", dataclasses.replace(lowp.BFPFormat(), error_bits=6,
-                                                                stochastic=False))  # fmt: skip
-    assert retrain.name == "fp32" and stage_precision(config, "dense") == search
+    search, retrain = stage_precision(config, False), stage_precision(config, True)
+    assert search == lowp.Precision(
+        "bfp8", dataclasses.replace(lowp.BFPFormat(), error_bits=6, stochastic=False)
+    )
+    assert retrain.name == "fp32"

@@ -20,10 +20,17 @@ IMAGES = 11 * 128  # steps per epoch x batch size: what one epoch trains on
 def _config(data_dir, **overrides):
     config = default_config()
     config.update(
-        model="vgg_tiny", dataset="digits", data_dir=data_dir, batch_size=128,
-        eval_batch_size=120, num_epochs=EPOCHS, lr_boundaries=(1,), log_every_steps=0,
-        eb_window=2, eb_eps=0.5,
-    )  # fmt: skip
+        model="vgg_tiny",
+        dataset="digits",
+        data_dir=data_dir,
+        batch_size=128,
+        eval_batch_size=120,
+        num_epochs=EPOCHS,
+        lr_boundaries=(1,),
+        log_every_steps=0,
+        eb_window=2,
+        eb_eps=0.5,
+    )
     config.update(overrides)
     return config
 
@@ -40,8 +47,10 @@ DENSE_FLOPS = forward_cost(create_model("vgg_tiny", 10), (8, 8, 1)).flops
 def runs(tmp_path_factory, data_dir):
     """One uninterrupted run per method, shared by the tests below."""
     root = tmp_path_factory.mktemp("methods")
-    return {m: (root / m, pipeline.run(_config(data_dir, method=m), str(root / m)))
-            for m in ("dense", "ns", "lt")}  # fmt: skip
+    return {
+        m: (root / m, pipeline.run(_config(data_dir, method=m), str(root / m)))
+        for m in ("dense", "ns", "lt")
+    }
 
 
 def test_dense_trains_every_epoch_without_a_ticket(runs):
@@ -63,8 +72,9 @@ def test_baselines_search_fully_then_retrain_a_second_schedule(runs, method, mod
     assert record["retrain"] == mode and record["ticket_epoch"] == EPOCHS
     assert record["ticket_drawn_by"] == "full search"
     assert [(s["stage"], s["epochs"]) for s in record["stages"]] == [
-        ("search", EPOCHS), ("retrain", EPOCHS)
-    ]  # fmt: skip
+        ("search", EPOCHS),
+        ("retrain", EPOCHS),
+    ]
     model, _, meta = load_model(str(workdir))
     ticket = json.loads((workdir / "ticket.json").read_text())
     assert [c for c in model.cfg if c != "M"] == ticket["kept"]
@@ -90,9 +100,9 @@ def test_a_fixed_ticket_epoch_draws_the_ticket_there(tmp_path, data_dir):
 def test_bn_sparsity_applies_only_while_searching(tmp_path, data_dir, method):
     # s = 1 at lr 0.1 pulls every |scale| by 0.1 a step: 11 steps would take the initial
     # 0.5 to about 0. Dense training and the re-initialised ticket's retraining keep them.
-    config = _config(data_dir, method=method, sparsity=1.0, lr_boundaries=(), retrain="reinit")
-    if method == "eb":
-        config.update(ticket_epoch=1)  # search 1 epoch (scales collapse), retrain 1 epoch
+    config = _config(data_dir, method=method, sparsity=1.0, lr_boundaries=())
+    if method == "eb":  # search 1 epoch (scales collapse), retrain 1 epoch
+        config.update(ticket_epoch=1, retrain="reinit")
     pipeline.run(config, str(tmp_path))
     model, variables, _ = load_model(str(tmp_path))
     scales = np.concatenate([np.abs(np.asarray(s)) for s in bn_scales(model, variables["params"])])
@@ -100,8 +110,9 @@ def test_bn_sparsity_applies_only_while_searching(tmp_path, data_dir, method):
 
 
 @pytest.mark.parametrize("method", ["dense", "ns"])  # 'lt' shares the stages of 'ns'
-def test_a_run_interrupted_in_each_stage_ends_bit_identical(runs, tmp_path, data_dir, method,
-                                                            interrupt_after):  # fmt: skip
+def test_a_run_interrupted_in_each_stage_ends_bit_identical(
+    runs, tmp_path, data_dir, method, interrupt_after
+):
     """Stopped after the first epoch of each stage (its checkpoint written), run again."""
     config = _config(data_dir, method=method)
     stops = [1] if method == "dense" else [1, EPOCHS + 1]  # epochs after which to stop

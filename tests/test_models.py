@@ -74,9 +74,11 @@ def test_paper_network_traces_a_train_step_with_its_bn_layout(name):
     def init_and_step(batch):
         variables = model.init(jax.random.key(0), batch["image"][:1])
         state = train.TrainState.create(
-            apply_fn=model.apply, params=variables["params"],
-            batch_stats=variables["batch_stats"], tx=tx,
-        )  # fmt: skip
+            apply_fn=model.apply,
+            params=variables["params"],
+            batch_stats=variables["batch_stats"],
+            tx=tx,
+        )
         return state, train.train_step(state, batch)
 
     state, (new_state, metrics) = jax.eval_shape(init_and_step, _batch(shape, n=2))
@@ -92,9 +94,12 @@ def test_bn_scales_follow_module_order_and_init():
     paths = model.bn_paths()
     # torchvision order inside a bottleneck: bn1, bn2, bn3, then the downsample's BN.
     assert [p[0] for p in paths[:5]] == [
-        "stem_bn", "stage0_block0_bn1", "stage0_block0_bn2", "stage0_block0_bn3",
+        "stem_bn",
+        "stage0_block0_bn1",
+        "stage0_block0_bn2",
+        "stage0_block0_bn3",
         "stage0_block0_down_bn",
-    ]  # fmt: skip
+    ]
     scales = bn_scales(model, variables["params"])
     assert all(np.all(np.asarray(s) == 1.0) for s in scales)  # ImageNet ResNets: scale 1
     vgg = create_model("vgg_tiny", 10)
@@ -134,9 +139,12 @@ def test_preresnet_widths_and_selections_set_parameter_shapes():
 
 def test_resnet_widths_set_parameter_shapes():
     model = create_model(
-        "resnet_tiny_bottleneck", 10, stem_width=3, stage_widths=(10, 11, 12, 13),
+        "resnet_tiny_bottleneck",
+        10,
+        stem_width=3,
+        stage_widths=(10, 11, 12, 13),
         inner_widths=((2, 4), (5, 6), (7, 8), (9, 1)),
-    )  # fmt: skip
+    )
     shapes = _shapes(model, (16, 16, 3))
     assert shapes["stem_conv"]["kernel"] == (7, 7, 3, 3)
     assert shapes["stage0_block0_conv1"]["kernel"] == (1, 1, 3, 2)
@@ -168,8 +176,9 @@ def test_conv_implementations_agree_and_share_parameters(hw, kernel, stride):
         conv = Conv(6, kernel, stride, impl=impl)
         params[impl] = conv.init(jax.random.key(1), x)
         outs[impl] = conv.apply(params[impl], x)
-    np.testing.assert_array_equal(params["xla"]["params"]["kernel"],
-                                  params["patches"]["params"]["kernel"])  # fmt: skip
+    np.testing.assert_array_equal(
+        params["xla"]["params"]["kernel"], params["patches"]["params"]["kernel"]
+    )
     np.testing.assert_allclose(outs["xla"], outs["patches"], rtol=1e-5, atol=1e-5)
 
 
@@ -181,8 +190,10 @@ def test_max_pool_2x2_matches_flax_bit_for_bit_with_ties(hw):
     x = jnp.asarray(np.maximum(rng.integers(-3, 3, (2, *hw, 3)), 0), jnp.float32)
     g = jnp.asarray(rng.standard_normal((2, hw[0] // 2, hw[1] // 2, 3)), jnp.float32)
     outs = {}
-    for name, pool in {"flax": lambda x: nn.max_pool(x, (2, 2), (2, 2)),
-                       "ours": max_pool_2x2}.items():  # fmt: skip
+    for name, pool in {
+        "flax": lambda x: nn.max_pool(x, (2, 2), (2, 2)),
+        "ours": max_pool_2x2,
+    }.items():
         y, vjp = jax.vjp(jax.jit(pool), x)
         outs[name] = (y, vjp(g)[0])
     np.testing.assert_array_equal(outs["ours"][0], outs["flax"][0])

@@ -21,8 +21,16 @@ from eb_jax.config import load_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 'rewind': process 0 decides whether the initial weights still need saving (a resumed
 # run has them), and every process follows.
-OVERRIDES = {"model": "vgg_tiny", "batch_size": 128, "eval_batch_size": 120, "num_epochs": 2,
-             "lr_boundaries": (1,), "eb_window": 2, "eb_eps": 0.5, "retrain": "rewind"}  # fmt: skip
+OVERRIDES = {
+    "model": "vgg_tiny",
+    "batch_size": 128,
+    "eval_batch_size": 120,
+    "num_epochs": 2,
+    "lr_boundaries": (1,),
+    "eb_window": 2,
+    "eb_eps": 0.5,
+    "retrain": "rewind",
+}
 
 
 def _free_port() -> int:
@@ -33,8 +41,11 @@ def _free_port() -> int:
 
 def _start(workdir, data_dir, port):
     """Both processes of one run, each with one CPU device."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 "
-               "--xla_cpu_collective_call_terminate_timeout_seconds=30")  # fmt: skip
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=1 "
+        "--xla_cpu_collective_call_terminate_timeout_seconds=30",
+    )
     flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
     return [
         subprocess.Popen(
@@ -55,7 +66,7 @@ def _start(workdir, data_dir, port):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for i in range(2)
     ]
 

@@ -18,8 +18,9 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, data_dir):
     workdir = str(tmp_path / "run")
     source = f"EPOCHS = {EPOCHS[name]}\nWORKDIR = {workdir!r}\nDATA_DIR = {data_dir!r}"
     parameters[0].source = source
-    client = NotebookClient(book, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": ROOT}})  # fmt: skip
+    client = NotebookClient(
+        book, timeout=600, kernel_name="python3", resources={"metadata": {"path": ROOT}}
+    )
     client.execute()  # raises CellExecutionError naming the failing cell
     outputs = [o for c in book.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the plots were drawn

@@ -13,10 +13,17 @@ from eb_jax.config import default_config
 def _config(data_dir, **overrides):
     config = default_config()
     config.update(
-        model="vgg_tiny", dataset="digits", data_dir=data_dir, batch_size=128,
-        eval_batch_size=120, num_epochs=2, lr_boundaries=(1,), log_every_steps=0,
-        ticket_epoch=1, checkpoints_to_keep=10,
-    )  # fmt: skip
+        model="vgg_tiny",
+        dataset="digits",
+        data_dir=data_dir,
+        batch_size=128,
+        eval_batch_size=120,
+        num_epochs=2,
+        lr_boundaries=(1,),
+        log_every_steps=0,
+        ticket_epoch=1,
+        checkpoints_to_keep=10,
+    )
     config.update(overrides)
     return config
 
@@ -35,16 +42,19 @@ def _in_bfp8(tree) -> bool:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("lowp")
-    return {name: (root / name, pipeline.run(_lowp(data_dir, retrain), str(root / name)))
-            for name, retrain in (("lf", "fp32"), ("ll", "bfp8"))}  # fmt: skip
+    return {
+        name: (root / name, pipeline.run(_lowp(data_dir, retrain), str(root / name)))
+        for name, retrain in (("lf", "fp32"), ("ll", "bfp8"))
+    }
 
 
 @pytest.mark.parametrize("name, retrain", [("lf", "fp32"), ("ll", "bfp8")])
 def test_lf_and_ll_search_in_bfp8_and_report_it(runs, name, retrain):
     workdir, record = runs[name]
     assert [(s["stage"], s["precision"]) for s in record["stages"]] == [
-        ("search", "bfp8"), ("retrain", retrain)
-    ]  # fmt: skip
+        ("search", "bfp8"),
+        ("retrain", retrain),
+    ]
     _, variables, meta = load_model(str(workdir))
     assert meta["stage"] == "retrain"
     assert _in_bfp8(variables["params"]) == (retrain == "bfp8")  # the retrained weights
@@ -81,8 +91,11 @@ def test_swa_averages_the_epochs_from_its_start_and_recomputes_bn(swa_run):
     mean = jax.tree.map(lambda a, b: (a + b) / 2, *(e["params"] for e in epoch_ends))
     _, swa, _ = load_model(str(workdir / "swa"))
     jax.tree.map(np.testing.assert_array_equal, swa["params"], mean)
-    for got, last in zip(jax.tree.leaves(swa["batch_stats"]),
-                         jax.tree.leaves(epoch_ends[1]["batch_stats"]), strict=True):  # fmt: skip
+    for got, last in zip(
+        jax.tree.leaves(swa["batch_stats"]),
+        jax.tree.leaves(epoch_ends[1]["batch_stats"]),
+        strict=True,
+    ):
         assert np.all(np.isfinite(got)) and not np.array_equal(got, last)
     assert 0 < record["test_accuracy"] <= 1
     assert "swa" in report.format_table([record]).splitlines()[2]

@@ -14,9 +14,15 @@ from eb_jax.ticket.search import Ticket
 def _config(data_dir, **overrides):
     config = default_config()
     config.update(
-        model="vgg_tiny", dataset="digits", data_dir=data_dir, batch_size=128,
-        eval_batch_size=120, num_epochs=4, lr_boundaries=(), log_every_steps=0,
-    )  # fmt: skip
+        model="vgg_tiny",
+        dataset="digits",
+        data_dir=data_dir,
+        batch_size=128,
+        eval_batch_size=120,
+        num_epochs=4,
+        lr_boundaries=(),
+        log_every_steps=0,
+    )
     config.update(overrides)
     return config
 

@@ -54,9 +54,10 @@ def _switched_off(model, variables, masks):
 def _random_masks(model, params, data, keep_fraction):
     return [
         np.asarray(data.draw(st.lists(st.booleans(), min_size=s.shape[0], max_size=s.shape[0])))
-        if keep_fraction is None else np.random.default_rng(0).random(s.shape[0]) < keep_fraction
+        if keep_fraction is None
+        else np.random.default_rng(0).random(s.shape[0]) < keep_fraction
         for s in bn_scales(model, params)
-    ]  # fmt: skip
+    ]
 
 
 @pytest.mark.parametrize("name,shape,options", FAMILIES)
@@ -158,19 +159,28 @@ def test_masks_of_the_wrong_length_or_family_are_clear_errors():
     with pytest.raises(ValueError, match="the mask for BN layer bn1 has 15 channels"):
         plan_cut(model, variables["params"], [np.ones(8), np.ones(15), np.ones(16)])
     with pytest.raises(ValueError, match="min_channels must be >= 1"):
-        plan_cut(model, variables["params"], [np.ones(8), np.ones(16), np.ones(16)],
-                 min_channels=0)  # fmt: skip
+        plan_cut(model, variables["params"], [np.ones(8), np.ones(16), np.ones(16)], min_channels=0)
 
 
 def test_exported_ticket_loads_with_no_other_input(tmp_path):
     from eb_jax.ticket.export import load_ticket, save_ticket
 
     model, variables = _trained_like("resnet_tiny_bottleneck", (16, 16, 3))
-    masks = [np.random.default_rng(3).random(s.shape[0]) < 0.4
-             for s in bn_scales(model, variables["params"])]  # fmt: skip
+    masks = [
+        np.random.default_rng(3).random(s.shape[0]) < 0.4
+        for s in bn_scales(model, variables["params"])
+    ]
     narrow, narrow_variables, plan = cut_ticket(model, variables, masks, prune_residual=True)
-    save_ticket(str(tmp_path / "ticket"), "resnet_tiny_bottleneck", narrow, narrow_variables,
-                10, (16, 16, 3), ratio=0.4, epoch=7)  # fmt: skip
+    save_ticket(
+        str(tmp_path / "ticket"),
+        "resnet_tiny_bottleneck",
+        narrow,
+        narrow_variables,
+        10,
+        (16, 16, 3),
+        ratio=0.4,
+        epoch=7,
+    )
     loaded, loaded_variables, meta = load_ticket(str(tmp_path / "ticket"))
     assert loaded.stage_widths == narrow.stage_widths and loaded.inner_widths == narrow.inner_widths
     assert meta["ticket"] == {"ratio": 0.4, "epoch": 7}

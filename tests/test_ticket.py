@@ -31,8 +31,9 @@ def reference_distance(a, b):
 values = st.sampled_from([0.0, 0.5, -0.5, 1e-3, 0.25, 0.7, -1.0, 2.0, 1e-8, 0.5000001])
 layers = st.lists(
     st.integers(1, 12).flatmap(lambda n: hnp.arrays(np.float32, n, elements=values)),
-    min_size=1, max_size=5,
-)  # fmt: skip
+    min_size=1,
+    max_size=5,
+)
 ratios = st.one_of(st.sampled_from([0.0, 0.3, 0.5, 0.7, 0.99]), st.floats(0, 0.999))
 
 
@@ -120,8 +121,10 @@ def reference_detector(masks, window, eps, rule):
 
 @given(
     st.lists(hnp.arrays(bool, 20, elements=st.booleans()), min_size=1, max_size=14),
-    st.integers(2, 6), st.sampled_from([0.05, 0.1, 0.3]), st.sampled_from(["code", "paper"]),
-)  # fmt: skip
+    st.integers(2, 6),
+    st.sampled_from([0.05, 0.1, 0.3]),
+    st.sampled_from(["code", "paper"]),
+)
 def test_detector_matches_reference(masks, window, eps, rule):
     # Make later masks similar to earlier ones so that emergence does happen.
     masks = [m if i % 3 else masks[0] for i, m in enumerate(masks)]

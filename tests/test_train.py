@@ -134,18 +134,22 @@ def test_eval_step_ignores_padding():
 
 def test_sync_batch_stats_averages_devices():
     stats = {"bn": {"mean": np.stack([np.zeros(3), np.full(3, 2.0)]).astype(np.float32)}}
-    state = train.TrainState(step=0, apply_fn=None, params={}, tx=None, opt_state=None,
-                             batch_stats=stats)  # fmt: skip
+    state = train.TrainState(
+        step=0, apply_fn=None, params={}, tx=None, opt_state=None, batch_stats=stats
+    )
     synced = parallel.sync_batch_stats(state)
     np.testing.assert_allclose(np.asarray(synced.batch_stats["bn"]["mean"]), 1.0)
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("batch_size", 63, "batch_size=63 must be a positive multiple of the 2 devices"),
-    ("eval_batch_size", 0, "eval_batch_size=0 must be a positive multiple"),
-    ("lr_boundaries", (5, 2), "must be ascending"),
-    ("num_epochs", 0, "num_epochs=0 must be positive"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("batch_size", 63, "batch_size=63 must be a positive multiple of the 2 devices"),
+        ("eval_batch_size", 0, "eval_batch_size=0 must be a positive multiple"),
+        ("lr_boundaries", (5, 2), "must be ascending"),
+        ("num_epochs", 0, "num_epochs=0 must be positive"),
+    ],
+)
 def test_invalid_config_values_are_rejected(field, value, message):
     from eb_jax.config import ConfigError, validate
 

@@ -59,8 +59,14 @@ def cifar_augment_batch(images: np.ndarray, rng: np.random.Generator) -> np.ndar
     return padded[batch, rows[:, :, None], cols[:, None, :]]
 
 
-def train_batches(source: ArraySource, spec, step_indices: np.ndarray, epoch_seed: int,
-                  start_step: int, num_threads: int = 1):  # fmt: skip
+def train_batches(
+    source: ArraySource,
+    spec,
+    step_indices: np.ndarray,
+    epoch_seed: int,
+    start_step: int,
+    num_threads: int = 1,
+):
     """The batches of `step_indices[step]` (examples of each step, [steps, batch]) from
     `start_step` on, augmented from (epoch_seed, step) and prepared `num_threads` at a
     time ahead of the consumer (numpy frees the GIL)."""
@@ -82,8 +88,14 @@ def train_batches(source: ArraySource, spec, step_indices: np.ndarray, epoch_see
             yield ahead.popleft().result()
 
 
-def eval_batches(source: ArraySource, spec, local_batch: int, n_steps: int,
-                 process_index: int, process_count: int):  # fmt: skip
+def eval_batches(
+    source: ArraySource,
+    spec,
+    local_batch: int,
+    n_steps: int,
+    process_index: int,
+    process_count: int,
+):
     """This process's every process_count-th eval example, in batches (last one short)."""
     mine = np.arange(process_index, len(source), process_count)
     for step in range(n_steps):

@@ -50,18 +50,35 @@ DATASETS = {
     ),
     # CIFAR: 50 000 32x32x3 uint8 training images are 150 MB in memory.
     "cifar10": DatasetSpec(
-        "cifar10", "train", "test", (32, 32, 3),
-        (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "cifar", True,
+        "cifar10",
+        "train",
+        "test",
+        (32, 32, 3),
+        (0.4914, 0.4822, 0.4465),
+        (0.2023, 0.1994, 0.2010),
+        "cifar",
+        True,
     ),
     "cifar100": DatasetSpec(
-        "cifar100", "train", "test", (32, 32, 3),
-        (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "cifar", True,
+        "cifar100",
+        "train",
+        "test",
+        (32, 32, 3),
+        (0.4914, 0.4822, 0.4465),
+        (0.2023, 0.1994, 0.2010),
+        "cifar",
+        True,
     ),
     "imagenet2012": DatasetSpec(
-        "imagenet2012", "train", "validation", (224, 224, 3),
-        IMAGENET_MEAN, IMAGENET_STD, "imagenet",
+        "imagenet2012",
+        "train",
+        "validation",
+        (224, 224, 3),
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "imagenet",
     ),
-}  # fmt: skip
+}
 
 
 @dataclasses.dataclass
@@ -93,11 +110,15 @@ def open_dataset(name: str, data_dir: str | None = None) -> Dataset:
     except Exception as e:  # tfds raises many types for a missing or unreadable dataset
         where = data_dir or "the default TFDS data_dir"
         if _has_tfrecords(data_dir, spec.tfds_name):
-            fix = (f"it is there as tfrecord: convert it with `tfds convert_format "
-                   f"--root_data_dir={data_dir} --out_file_format=array_record`")  # fmt: skip
+            fix = (
+                f"it is there as tfrecord: convert it with `tfds convert_format "
+                f"--root_data_dir={data_dir} --out_file_format=array_record`"
+            )
         else:
-            fix = (f"prepare it with `tfds build {spec.tfds_name} --data_dir=DIR "
-                   f"--file_format=array_record` and pass --config.data_dir=DIR")  # fmt: skip
+            fix = (
+                f"prepare it with `tfds build {spec.tfds_name} --data_dir=DIR "
+                f"--file_format=array_record` and pass --config.data_dir=DIR"
+            )
         raise DataError(
             f"dataset {spec.tfds_name!r} is not prepared as array_record in {where} "
             f"({type(e).__name__}); {fix}"
@@ -204,8 +225,9 @@ def train_batches(
     mine = order[: n_steps * batch_size].reshape(n_steps, process_count, local_batch)
     mine = mine[:, process_index]
     if isinstance(data.train, in_memory.ArraySource):
-        return in_memory.train_batches(data.train, data.spec, mine, epoch_seed, start_step,
-                                       num_threads)  # fmt: skip
+        return in_memory.train_batches(
+            data.train, data.spec, mine, epoch_seed, start_step, num_threads
+        )
     ds = grain.MapDataset.source(_Subset(data.train, mine.reshape(-1)))
     ds = ds.random_map(_train_transform(data.spec), seed=epoch_seed)
     ds = ds.batch(local_batch, drop_remainder=True)[start_step:n_steps]
@@ -236,22 +258,32 @@ def _iterate(ds: grain.MapDataset, num_threads: int, num_workers: int):
     return iter(batches)
 
 
-def eval_batches(data: Dataset, batch_size: int, process_index: int = 0, process_count: int = 1,
-                 num_threads: int = 4, num_workers: int = 0):  # fmt: skip
+def eval_batches(
+    data: Dataset,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_threads: int = 4,
+    num_workers: int = 0,
+):
     """Every eval example exactly once, in batches padded to `batch_size` (mask=False)."""
     local_batch = batch_size // process_count
     # Every process runs the same number of steps, padding with empty batches.
     n_steps = math.ceil(math.ceil(len(data.eval) / process_count) / local_batch)
     if isinstance(data.eval, in_memory.ArraySource):
-        batches = in_memory.eval_batches(data.eval, data.spec, local_batch, n_steps,
-                                         process_index, process_count)  # fmt: skip
+        batches = in_memory.eval_batches(
+            data.eval, data.spec, local_batch, n_steps, process_index, process_count
+        )
         yield from (_pad(batch, local_batch) for batch in batches)
         return
     ds = grain.MapDataset.source(data.eval)[process_index::process_count]
-    batches = _iterate(ds.map(_eval_transform(data.spec)).batch(local_batch), num_threads,
-                       num_workers)  # fmt: skip
-    empty = {"image": np.zeros((0, *data.spec.image_shape), np.float32),
-             "label": np.zeros((0,), np.int32)}  # fmt: skip
+    batches = _iterate(
+        ds.map(_eval_transform(data.spec)).batch(local_batch), num_threads, num_workers
+    )
+    empty = {
+        "image": np.zeros((0, *data.spec.image_shape), np.float32),
+        "label": np.zeros((0,), np.int32),
+    }
     for _ in range(n_steps):
         yield _pad(next(batches, empty), local_batch)
 

@@ -8,8 +8,9 @@ from eb_jax.checkpoint import Checkpointer, load_model
 from eb_jax.models import model_widths
 
 
-def save_ticket(path: str, model_name: str, model, variables: dict, num_classes: int,
-                input_shape, **info) -> None:  # fmt: skip
+def save_ticket(
+    path: str, model_name: str, model, variables: dict, num_classes: int, input_shape, **info
+) -> None:
     """Writes the narrow `model`'s variables and widths to `path` (a new directory)."""
     checkpointer = Checkpointer(path, keep=1, async_save=False)
     try:

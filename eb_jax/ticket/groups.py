@@ -37,6 +37,35 @@ def channel_groups(model, prune_residual: bool = False) -> list[Group]:
     raise ValueError(f"no channel coupling is declared for {type(model).__name__}")
 
 
+def interior_groups(model) -> list[Group]:
+    """The groups that per-layer criteria (ThiNet, SFP) prune: one BN's channels inside a
+    block, or one VGG layer's. Channel selections and residual streams stay whole."""
+    return [
+        g
+        for g in channel_groups(model)
+        if not g.select and len(g.bns) == 1 and g.key[0] in ("conv", "inner")
+    ]
+
+
+def producer(group: Group) -> str:
+    """The conv whose output channels the group's channels are."""
+    return next(module for module, _, axis in group.cuts if axis == 3)
+
+
+def consumer_conv(group: Group) -> str | None:
+    """The conv that reads the group's channels, or None where a linear layer does."""
+    return next((module for module, _, axis in group.cuts if axis == 2), None)
+
+
+def masks_for_bns(model, params, keep_of: dict) -> list:
+    """Per-BN keep-masks in bn_paths() order: `keep_of[bn]` where given, else all kept."""
+    masks = []
+    for path in model.bn_paths():
+        width = np.shape(params[path[-1]]["scale"])[0]
+        masks.append(np.asarray(keep_of.get(path[-1], np.ones(width, bool))))
+    return masks
+
+
 def narrow_widths(model, kept: dict) -> dict:
     """The width fields of the narrow model, from each group key's kept channel indices."""
     if isinstance(model, VGG):
@@ -77,11 +106,17 @@ def _preresnet_groups(model: PreResNet) -> list[Group]:
     for i, blk in enumerate(model.block_names()):
         groups += [
             Group(("select", i), (f"{blk}_bn1",), ((f"{blk}_conv1", "kernel", 2),), select=True),
-            Group(("inner", i, 0), (f"{blk}_bn2",),
-                  ((f"{blk}_conv1", "kernel", 3), (f"{blk}_conv2", "kernel", 2))),
-            Group(("inner", i, 1), (f"{blk}_bn3",),
-                  ((f"{blk}_conv2", "kernel", 3), (f"{blk}_conv3", "kernel", 2))),
-        ]  # fmt: skip
+            Group(
+                ("inner", i, 0),
+                (f"{blk}_bn2",),
+                ((f"{blk}_conv1", "kernel", 3), (f"{blk}_conv2", "kernel", 2)),
+            ),
+            Group(
+                ("inner", i, 1),
+                (f"{blk}_bn3",),
+                ((f"{blk}_conv2", "kernel", 3), (f"{blk}_conv3", "kernel", 2)),
+            ),
+        ]
     n = len(model.block_names())
     groups.append(Group(("select", n), ("bn_final",), (("fc", "kernel", 0),), select=True))
     return groups
@@ -94,9 +129,13 @@ def _resnet_groups(model: ResNet, prune_residual: bool) -> list[Group]:
         for b in range(n):
             blk = f"stage{s}_block{b}"
             for j in range(1, last):  # the block interior: conv_j's outputs
-                groups.append(Group(("inner", i, j - 1), (f"{blk}_bn{j}",),
-                                    ((f"{blk}_conv{j}", "kernel", 3),
-                                     (f"{blk}_conv{j + 1}", "kernel", 2))))  # fmt: skip
+                groups.append(
+                    Group(
+                        ("inner", i, j - 1),
+                        (f"{blk}_bn{j}",),
+                        ((f"{blk}_conv{j}", "kernel", 3), (f"{blk}_conv{j + 1}", "kernel", 2)),
+                    )
+                )
             i += 1
     if prune_residual:
         groups += _residual_groups(model, last)
@@ -110,8 +149,9 @@ def _residual_groups(model: ResNet, last: int) -> list[Group]:
         if s == len(model.stage_sizes):
             return [("fc", "kernel", 0)]
         cuts = [(f"stage{s}_block0_conv1", "kernel", 2)]
-        return cuts + ([(f"stage{s}_block0_down_conv", "kernel", 2)]
-                       if model.has_downsample(s, 0) else [])  # fmt: skip
+        return cuts + (
+            [(f"stage{s}_block0_down_conv", "kernel", 2)] if model.has_downsample(s, 0) else []
+        )
 
     groups = []
     stem_joins_stage0 = not model.has_downsample(0, 0)  # basic blocks: identity from the stem

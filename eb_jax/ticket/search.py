@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from eb_jax.report import write_json
+from eb_jax.runlog import write_json
 from eb_jax.ticket.early_bird import EarlyBirdDetector
 from eb_jax.ticket.masks import channel_mask, flatten_mask, mask_distance
 
@@ -78,11 +78,12 @@ class TicketSearch:
             f"p{r:g}": {
                 "window": self.states[r]["masks"],
                 "count": np.asarray(self.states[r]["count"], np.int64),
-                "history": np.stack(self.history[r]) if self.history[r] else
-                np.zeros((0, total), bool),
+                "history": np.stack(self.history[r])
+                if self.history[r]
+                else np.zeros((0, total), bool),
             }
             for r in self.ratios
-        }  # fmt: skip
+        }
         record = {
             "epochs": list(self.epochs),
             "detected": {f"{r:g}": e for r, e in self.detected.items()},
@@ -106,8 +107,10 @@ class TicketSearch:
         """Restores what `state_dict` returned."""
         for r in self.ratios:
             entry = arrays[f"p{r:g}"]
-            self.states[r] = {"masks": np.asarray(entry["window"]),
-                              "count": np.int64(entry["count"])}  # fmt: skip
+            self.states[r] = {
+                "masks": np.asarray(entry["window"]),
+                "count": np.int64(entry["count"]),
+            }
             self.history[r] = list(np.asarray(entry["history"]))
         self.epochs = list(record["epochs"])
         self.detected = {float(r): e for r, e in record["detected"].items()}

@@ -29,12 +29,14 @@ class CutPlan:
     rounded: list  # BN names of groups that round_to widened
 
 
-def plan_cut(model, params, masks, *, min_channels: int = 1, round_to: int = 0,
-             prune_residual: bool = False) -> CutPlan:  # fmt: skip
+def plan_cut(
+    model, params, masks, *, min_channels: int = 1, round_to: int = 0, prune_residual: bool = False
+) -> CutPlan:
     """The kept channels per group for per-BN `masks` (bn_paths() order)."""
     if min_channels < 1 or round_to < 0:
-        raise ValueError(f"min_channels must be >= 1 and round_to >= 0, got {min_channels}, "
-                         f"{round_to}")  # fmt: skip
+        raise ValueError(
+            f"min_channels must be >= 1 and round_to >= 0, got {min_channels}, {round_to}"
+        )
     names = [path[-1] for path in model.bn_paths()]
     scales = [np.abs(np.asarray(s, np.float32)) for s in bn_scales(model, params)]
     _check_masks(model, names, scales, masks)
@@ -65,8 +67,9 @@ def plan_cut(model, params, masks, *, min_channels: int = 1, round_to: int = 0,
         kept[group.key] = np.flatnonzero(keep)
         for bn in group.bns:
             effective[bn] = keep.copy()
-    return CutPlan(groups, kept, [effective[n] for n in names], narrow_widths(model, kept),
-                   rescued, rounded)  # fmt: skip
+    return CutPlan(
+        groups, kept, [effective[n] for n in names], narrow_widths(model, kept), rescued, rounded
+    )
 
 
 def apply_cut(model, variables: dict, plan: CutPlan):
