@@ -1,6 +1,6 @@
 """VGG16-BN CIFAR train step on CPU: eb_jax against a PyTorch eager implementation.
 
-Both sides train the same network (PAPER.md §5) with the same optimizer (SGD momentum
+Both sides train the same network (docs/method.md, models) with the same optimizer (SGD momentum
 0.9, weight decay, BN-scale sparsity) on the same random batch; steps are interleaved
 (one JAX step, one PyTorch step, ...) so both see the same machine load. Prints the
 median step times and the ratio (PyTorch time / JAX time: > 1 means JAX is faster).

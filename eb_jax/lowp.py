@@ -1,4 +1,4 @@
-"""Low-precision training: 8-bit block floating point (PAPER.md §7) and bf16 compute.
+"""Low-precision training: 8-bit block floating point and bf16 compute (docs/method.md).
 
 Block floating point (SWALP / QPyTorch's `block_quantize`): every slice along one axis
 shares an exponent, taken from the slice's largest magnitude, and holds w-bit signed

@@ -61,6 +61,7 @@ def _steps(workdir):
     return sorted(int(e) for e in _entries(workdir) if e.isdigit())
 
 
+@pytest.mark.slow
 def test_killed_quickstart_resumes_bit_identically(tmp_path, data_dir):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     result = subprocess.run(_command(straight, data_dir), cwd=ROOT, capture_output=True)
@@ -122,6 +123,7 @@ def _damage(workdir, step, how):
                         f.write(b"\xff" * 64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncated", "corrupted", "missing metadata"])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, data_dir, how, caplog):
     pipeline.run(_config(data_dir, num_epochs=1), str(tmp_path))
@@ -141,6 +143,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, data
     assert "from its checkpoint at step 8" in resumed[0]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, data_dir):
     # lr x1e12 from epoch 1 on: the loss blows up after the epoch-0 checkpoint (step 22).
     cmd = [
@@ -163,6 +166,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
     assert _steps(tmp_path) == [22]
 
 
+@pytest.mark.slow
 def test_config_that_does_not_match_the_checkpoint_is_a_clear_error(tmp_path, data_dir):
     pipeline.run(_config(data_dir, num_epochs=1), str(tmp_path))
     cmd = [
@@ -184,6 +188,7 @@ def test_config_that_does_not_match_the_checkpoint_is_a_clear_error(tmp_path, da
     assert _steps(tmp_path) == [4, 8, 11]  # nothing touched
 
 
+@pytest.mark.slow
 def test_pruned_model_is_rebuilt_from_the_checkpoint_metadata_alone(tmp_path, data_dir):
     config = _config(data_dir)
     data = open_dataset("digits", data_dir)

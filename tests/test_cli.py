@@ -23,6 +23,7 @@ def _records(workdir):
     return [json.loads(line) for line in lines]
 
 
+@pytest.mark.slow
 def test_quickstart_runs_eb_train_end_to_end(tmp_path, data_dir):
     """No --config: the offline quickstart (search, cut, retrain) on 2 forced CPU devices."""
     workdir = tmp_path / "run"
@@ -61,6 +62,7 @@ def test_quickstart_runs_eb_train_end_to_end(tmp_path, data_dir):
     assert (workdir / "cost.png").stat().st_size > 5_000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -102,6 +104,7 @@ def test_bad_input_is_a_one_line_error(args, message, tmp_path, data_dir):
     assert "Traceback" not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_defaults_work_without_workdir_from_any_directory(tmp_path):
     """No --config and no --workdir, run from elsewhere: the quickstart config is found and
     the default workdir computed (the run then stops at the bad dataset)."""

@@ -13,6 +13,8 @@ from eb_jax.config import ConfigError, default_config, load_config
 from eb_jax.cost import forward_cost, training_flops
 from eb_jax.models import bn_scales, create_model
 
+pytestmark = pytest.mark.slow  # end-to-end runs: pytest -m 'not slow' skips them
+
 EPOCHS = 2
 IMAGES = 11 * 128  # steps per epoch x batch size: what one epoch trains on
 

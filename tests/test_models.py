@@ -18,7 +18,7 @@ TINY = {
     "resnet_tiny": (16, 16, 3),
     "resnet_tiny_bottleneck": (16, 16, 3),
 }
-# The paper's networks: BN channel totals from PAPER.md §2.
+# The paper's networks: BN channel totals from docs/method.md.
 FULL = {
     "vgg16": ((32, 32, 3), 13, 4224),
     "preresnet101": ((32, 32, 3), 100, 7408),

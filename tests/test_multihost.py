@@ -18,6 +18,8 @@ from conftest import checkpoint_arrays
 from eb_jax import pipeline
 from eb_jax.config import load_config
 
+pytestmark = pytest.mark.slow  # end-to-end runs: pytest -m 'not slow' skips them
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 'rewind': process 0 decides whether the initial weights still need saving (a resumed
 # run has them), and every process follows.

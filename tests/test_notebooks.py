@@ -6,6 +6,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.slow  # end-to-end runs: pytest -m 'not slow' skips them
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = {"quickstart": 8, "mask_distance": 8, "surgery": 2}
 

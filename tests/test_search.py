@@ -10,6 +10,8 @@ from eb_jax.checkpoint import load_model
 from eb_jax.config import default_config
 from eb_jax.ticket.search import Ticket
 
+pytestmark = pytest.mark.slow  # end-to-end runs: pytest -m 'not slow' skips them
+
 
 def _config(data_dir, **overrides):
     config = default_config()

@@ -47,7 +47,7 @@ def normalize(images: np.ndarray, mean, std) -> np.ndarray:
 
 def cifar_augment_batch(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Per image: zero-pad 4 (on the uint8 image), random crop to the original size,
-    random horizontal flip (PAPER.md §4)."""
+    random horizontal flip (docs/method.md, search protocol)."""
     n, h, w, _ = images.shape
     padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
     tops, lefts = rng.integers(0, 9, size=(2, n))

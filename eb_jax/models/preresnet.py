@@ -1,4 +1,4 @@
-"""Pre-activation ResNet with bottlenecks for CIFAR, with channel selection (PAPER.md §5).
+"""Pre-activation ResNet with bottlenecks for CIFAR, with channel selection (docs/method.md).
 
 Block: BN(in) -> select -> ReLU -> 1x1 -> BN -> ReLU -> 3x3 (stride) -> BN -> ReLU -> 1x1
 to 4*planes, plus the identity or a bare strided 1x1 conv on the raw block input. The

@@ -1,4 +1,4 @@
-"""ResNet-18/50 for ImageNet in torchvision's layout (PAPER.md §5).
+"""ResNet-18/50 for ImageNet in torchvision's layout (docs/method.md, models).
 
 Stem 7x7/2 conv -> BN -> ReLU -> 3x3/2 max-pool; four stages of basic blocks (two 3x3
 convs) or bottlenecks (1x1, 3x3 with the stride, 1x1 to 4x); downsample = 1x1 conv + BN.

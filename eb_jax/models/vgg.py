@@ -1,4 +1,4 @@
-"""VGG with BatchNorm for CIFAR, as the Early-Bird original defines it (PAPER.md §5).
+"""VGG with BatchNorm for CIFAR, as the Early-Bird original defines it (docs/method.md, models).
 
 conv 3x3 (no bias) -> BN -> ReLU per entry of `cfg`, 2x2 max-pool for each 'M', then an
 average pool over the final map and a single Linear head. Widths are explicit in `cfg`,

@@ -1,4 +1,4 @@
-"""The early-bird detector: has the ticket stopped changing? (PAPER.md §3)
+"""The early-bird detector: has the ticket stopped changing? (docs/method.md, detector)
 
 The detector is a frozen dataclass of settings; its state is a small pytree of numpy
 arrays (the last masks and how many were seen), so it checkpoints with everything else.

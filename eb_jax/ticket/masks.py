@@ -1,4 +1,4 @@
-"""The ticket mask and the mask distance, exactly as PAPER.md §2-3 defines them.
+"""The ticket mask and the mask distance, exactly as docs/method.md defines them.
 
 A mask is drawn over the whole network at once: all BN scales are ranked by magnitude,
 and a channel is kept iff its |scale| is strictly above the k-th smallest magnitude,
