@@ -9,10 +9,12 @@ deleted) and the previous step is used. No pickles: arrays go to orbax, the rest
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -125,19 +127,27 @@ class Checkpointer:
         `target_for(meta)` returns the arrays' target tree, or None for the tree as saved.
         """
         self.wait()
-        for step in sorted(self.steps(), reverse=True):
-            try:
-                meta = self.read_meta(step)
-                target = target_for(meta)
-                restore = ocp.args.StandardRestore(target)
-                restored = self._manager.restore(step, args=ocp.args.Composite(arrays=restore))
-                return step, restored.arrays, meta
-            except CheckpointError:  # a usable checkpoint that this run must not take
-                raise
-            except Exception as e:  # orbax/tensorstore raise many types for damaged files
-                detail = " ".join(str(e).split()).split(" See full")[0][:160]
-                self._set_aside(step, f"{type(e).__name__}: {detail}")
-        return None
+        # A damaged step's failed read leaves orbax's other reads in flight, and they print
+        # tracebacks from tensorstore's threads while it fails: stderr is set aside.
+        stderr, failed = _set_stderr_aside(), False
+        try:
+            for step in sorted(self.steps(), reverse=True):
+                try:
+                    meta = self.read_meta(step)
+                    target = target_for(meta)
+                    restore = ocp.args.StandardRestore(target)
+                    restored = self._manager.restore(step, args=ocp.args.Composite(arrays=restore))
+                    return step, restored.arrays, meta
+                except CheckpointError:  # a usable checkpoint that this run must not take
+                    raise
+                except Exception as e:  # orbax/tensorstore raise many types for damaged files
+                    detail = " ".join(str(e).split()).split(" See full")[0][:160]
+                    reason = f"{type(e).__name__}: {detail}"
+                failed = True
+                self._set_aside(step, reason)
+            return None
+        finally:
+            _restore_stderr(stderr, grace_s=2.0 if failed else 0.0)
 
     def _set_aside(self, step: int, reason: str) -> None:
         aside = os.path.join(self.directory, f"damaged-{step}-{int(time.time())}")
@@ -160,6 +170,30 @@ class Checkpointer:
     def close(self) -> None:
         self.wait()
         self._manager.close()
+
+
+def _set_stderr_aside() -> int:
+    """Points the process's stderr at /dev/null; returns the saved descriptor. (Python's
+    own messages about a failing restore are exceptions, raised to the caller.)"""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    return saved
+
+
+def _restore_stderr(saved: int, grace_s: float) -> None:
+    """Points stderr back at `saved` after `grace_s` seconds in which the reads a failed
+    restore abandoned may finish and be collected (their tracebacks go nowhere)."""
+    try:
+        if grace_s:
+            gc.collect()
+            time.sleep(grace_s)
+            gc.collect()
+        sys.stderr.flush()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def load_model(workdir: str):

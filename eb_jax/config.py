@@ -36,6 +36,14 @@ def default_config() -> ml_collections.ConfigDict:
     # named in sparsity_stages; 0 disables
     c.sparsity_stages = ("search",)  # of 'dense', 'search', 'retrain', 'masked', 'soft'
     c.seed = 0
+    _method_fields(c)
+    _number_format_fields(c)
+    _runtime_fields(c)
+    return c
+
+
+def _method_fields(c: ml_collections.ConfigDict) -> None:
+    """The method, its ticket and its pruning."""
     # The method (docs/method.md). 'eb': EB Train, search until the ticket emerges, cut,
     # retrain to num_epochs. 'ns': network slimming, search all num_epochs, cut, fine-tune
     # (inherit) for another num_epochs. 'lt': one-shot lottery ticket: train, prune, rewind
@@ -70,12 +78,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.min_channels = 1  # no layer ends empty: its largest-|scale| channels stay
     c.round_to = 0  # round kept counts up to a multiple (8 GPU, 128 TPU); 0: off
     c.prune_residual = False  # ResNet-18/50: prune the residual widths too
+
+
+def _number_format_fields(c: ml_collections.ConfigDict) -> None:
     # Number formats (docs/method.md): 'fp32'; 'bf16' (bf16 compute, fp32 weights and BN
     # statistics: TPU/GPU speed); 'bfp8' (8-bit block floating point: weights, activations,
     # errors, gradients, momentum, word lengths in `bfp`). 'search' covers every stage
     # before the pruning step ('dense' training too), 'retrain' every stage after it. The
-    # paper's LF: search 'bfp8', retrain
-    # 'fp32'; LL: both 'bfp8'.
+    # paper's LF: search 'bfp8', retrain 'fp32'; LL: both 'bfp8'.
     c.precision = ml_collections.ConfigDict({"search": "fp32", "retrain": "fp32"})
     c.bfp = ml_collections.ConfigDict(
         {
@@ -91,6 +101,10 @@ def default_config() -> ml_collections.ConfigDict:
     # from this epoch of the final stage's schedule on, BN statistics recomputed for the
     # average, which is the run's final model (the paper: 140 of 160). 0: off.
     c.swa_start_epoch = 0
+
+
+def _runtime_fields(c: ml_collections.ConfigDict) -> None:
+    """Where and how the run executes: hosts, kernels, logs, checkpoints, data loading."""
     # Several processes (hosts) in one run through jax.distributed (README: multi-host).
     # coordinator_address 'host:port' with num_processes and this process's process_id;
     # or auto=True for the platform's own detection (Cloud TPU pod slices, SLURM).
@@ -105,7 +119,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.async_checkpoints = True
     c.num_data_threads = 4  # threads reading examples (per-example datasets: ImageNet)
     c.num_data_workers = 0  # processes decoding + augmenting them; 0: in the threads
-    return c
 
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -165,6 +178,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ConfigError("sparsity and weight_decay must be >= 0")
     if config.checkpoints_to_keep < 1 or config.checkpoint_every_steps < 0:
         raise ConfigError("checkpoints_to_keep must be >= 1 and checkpoint_every_steps >= 0")
+    _check_method(config)
+    _check_number_formats(config)
+    try:
+        methods.check(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_method(config) -> None:
     choices = {
         "method": names.METHODS,
         "retrain": names.RETRAIN_MODES,
@@ -188,6 +210,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         EarlyBirdDetector(config.eb_window, config.eb_eps, config.eb_rule)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    for field in ("thinet_images", "thinet_locations", "snip_batches"):
+        if config[field] < 1:
+            raise ConfigError(f"{field}={config[field]} must be >= 1")
+
+
+def _check_number_formats(config) -> None:
     for stage in ("search", "retrain"):
         if config.precision[stage] not in lowp.PRECISIONS:
             raise ConfigError(
@@ -203,10 +231,3 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ConfigError(
             f"swa_start_epoch={config.swa_start_epoch} must be in [0, num_epochs) (0: no SWA)"
         )
-    for field in ("thinet_images", "thinet_locations", "snip_batches"):
-        if config[field] < 1:
-            raise ConfigError(f"{field}={config[field]} must be >= 1")
-    try:
-        methods.check(config)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None

@@ -157,6 +157,11 @@ def _format_pflops(pflops: float) -> str:
 
 
 def plot_costs(records: list[dict], path: str) -> None:
+    """Draws `cost_figure(records)` to the PNG `path`."""
+    cost_figure(records).savefig(path, dpi=120, bbox_inches="tight")
+
+
+def cost_figure(records: list[dict]):
     """Training FLOPs per run, stacked by stage, in a unit that suits their size, with
     each run's dense training on the same schedule as a dashed reference."""
     from matplotlib.figure import Figure
@@ -169,9 +174,12 @@ def plot_costs(records: list[dict], path: str) -> None:
         names.SOFT: "tab:purple",
     }
     scale, unit = _flops_unit(max(max(r["training_pflops"], dense_run_pflops(r)) for r in records))
-    fig = Figure(figsize=(1.6 + 1.2 * len(records), 3.8))
+    fig = Figure(figsize=(1.6 + 1.5 * len(records), 3.8))
     ax = fig.subplots()
-    labels = [f"{r['run']}\n{method_label(r)}, {100 * r['test_accuracy']:.1f}%" for r in records]
+    labels = [
+        f"{r['run']}\n{method_label(r)}\n{_precision(r)}, {100 * r['test_accuracy']:.1f}%"
+        for r in records
+    ]
     seen = set()
     for i, r in enumerate(records):
         bottom = 0.0
@@ -204,7 +212,7 @@ def plot_costs(records: list[dict], path: str) -> None:
     ax.set_ylabel(f"training cost ({unit})")
     ax.set_title("training cost by stage (3 x forward x images x epochs)")
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return fig
 
 
 def _flops_unit(pflops: float) -> tuple[float, str]:

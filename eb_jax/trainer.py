@@ -107,12 +107,10 @@ class Trainer:
         self.run, self.plan, self.model = run, plan, model
         self.state = parallel.replicate(state)
         self.step = int(state.step)  # global step = the optimizer's update count; host copy
-        self.weight_mask = None if weight_mask is None else parallel.replicate(weight_mask)
+        # The weight mask (replicated) is the train step's third argument, when there is one.
+        self.mask_args = () if weight_mask is None else (parallel.replicate(weight_mask),)
         self.sums = resume.epoch_sums  # this epoch's train metrics so far
-        self.swa_count = resume.swa_count
-        self.swa_params = (
-            None if resume.swa_params is None else parallel.replicate(resume.swa_params)
-        )
+        self.swa = WeightAverage(resume.swa_params, resume.swa_count)
         self.last_saved = self.step if resumed else None  # its checkpoint exists
         self.start_step, self.last_metrics, self.compiling_s = self.step, {}, 0.0
         self.started = time.perf_counter()
@@ -129,19 +127,15 @@ class Trainer:
         return self.step // self.run.steps_per_epoch
 
     def compile(self) -> None:
-        """Compiles the train and eval steps ahead of time (not counted in the ETA).
-
-        Multi-process runs compile at the first step instead (a multi-process pmap's
-        ahead-of-time executable expects the global shapes), which the wall time counts
-        and the compile time does not."""
+        """Compiles the train and eval steps ahead of time (not counted in the ETA); a
+        multi-process run compiles at its first step (a multi-process pmap's ahead-of-time
+        executable expects global shapes): its wall time counts that, its compile time not."""
         if jax.process_count() > 1:
             return
-        start = time.perf_counter()
-        config = self.run.config
-        mask = () if self.weight_mask is None else (self.weight_mask,)
-        train_batch = _batch_spec(config.batch_size, self.run.data.spec.image_shape, False)
-        eval_batch = _batch_spec(config.eval_batch_size, self.run.data.spec.image_shape, True)
-        self.p_train = self.p_train.lower(self.state, train_batch, *mask).compile()
+        start, config, shape = time.perf_counter(), self.run.config, self.run.data.spec.image_shape
+        train_batch = _batch_spec(config.batch_size, shape, False)
+        eval_batch = _batch_spec(config.eval_batch_size, shape, True)
+        self.p_train = self.p_train.lower(self.state, train_batch, *self.mask_args).compile()
         self.p_eval = self.p_eval.lower(self.state, eval_batch).compile()
         self.compiling_s = time.perf_counter() - start
         self.run.clock.compile_s += self.compiling_s
@@ -168,7 +162,7 @@ class Trainer:
             self._step(batch)
             done = self.step - epoch * spe
             if self.run.config.log_every_steps and done % self.run.config.log_every_steps == 0:
-                self._log_progress(epoch, done, first, epoch_start)
+                _log_progress(self, epoch, done, first, epoch_start)
             every = self.run.config.checkpoint_every_steps
             if every and self.step % every == 0 and done < spe:
                 self.save()
@@ -178,15 +172,14 @@ class Trainer:
             self._soft_prune()
         self.state = parallel.sync_batch_stats(self.state)
         if self.plan.swa_start and epoch - self.plan.lr_origin // spe >= self.plan.swa_start:
-            self._average_weights()
+            self.swa.add(self.state.params)
         metrics = self._epoch_metrics(epoch, first, train_time)
         self.last_metrics = metrics
         self.save()
         return metrics
 
     def _step(self, batch) -> None:
-        mask = () if self.weight_mask is None else (self.weight_mask,)
-        self.state, metrics = self.p_train(self.state, parallel.shard(batch), *mask)
+        self.state, metrics = self.p_train(self.state, parallel.shard(batch), *self.mask_args)
         if self.wait:
             jax.block_until_ready(metrics)
         self.sums = _accumulate(self.sums, metrics)
@@ -211,16 +204,7 @@ class Trainer:
             "learning_rate": self.learning_rate(self.step - 1),
         }
         self.run.writer.write_scalars(self.step, metrics)
-        logger.info(
-            "epoch %3d/%d  loss %.4f  train %.2f%%  test %.2f%%  %.0f img/s  ETA %s",
-            epoch + 1,
-            self.plan.end_epoch,
-            metrics["train_loss"],
-            100 * metrics["train_accuracy"],
-            100 * metrics["test_accuracy"],
-            metrics["images_per_sec"],
-            format_duration(eta),
-        )
+        _log_epoch(metrics, self.plan.end_epoch, eta)
         return metrics
 
     def evaluate(self, state=None) -> dict:
@@ -239,92 +223,126 @@ class Trainer:
         pruned = soft_prune(self.model, params, self.plan.soft_prune_ratio)
         self.state = self.state.replace(params=parallel.replicate(pruned))
 
-    def _average_weights(self) -> None:
-        if self.swa_count == 0:  # a copy: the train step donates (frees) the state's
-            self.swa_params = jax.tree.map(jax.numpy.copy, self.state.params)
-        else:
-            self.swa_params = _p_swa_update(self.swa_params, self.state.params, self.swa_count)
-        self.swa_count += 1
-
-    def swa_result(self) -> tuple[dict, dict]:
-        """The weight average with BN statistics recomputed over one pass of the training
-        data: (its eval metrics, its variables on the host)."""
-        state = self.state.replace(params=self.swa_params)
-        p_stats = parallel.pmap_step(train.bn_statistics_step, donate_state=False)
-        sums, count = None, 0
-        for batch in _loader(self.run, "train", self.plan.end_epoch, 0):
-            stats = p_stats(state, parallel.shard(batch))
-            sums = stats if sums is None else jax.tree.map(jax.numpy.add, sums, stats)
-            count += 1
-        state = state.replace(batch_stats=jax.tree.map(lambda s: s / count, sums))
-        metrics = self.evaluate(state)
-        host = parallel.unreplicate(state)
-        logger.info(
-            "SWA over %d epochs: test %.2f%% (BN statistics recomputed)",
-            self.swa_count,
-            100 * metrics["accuracy"],
-        )
-        return metrics, {"params": host.params, "batch_stats": host.batch_stats}
-
     def save(self) -> None:
         """Checkpoints the state and everything a resumed run needs (once per step)."""
-        run = self.run
-        if run.checkpointer is None or self.last_saved == self.step:
+        if self.run.checkpointer is None or self.last_saved == self.step:
             return
         self._check_finite()
         self.state = parallel.sync_batch_stats(self.state)
-        arrays = {"train": flax.serialization.to_state_dict(parallel.unreplicate(self.state))}
-        meta = {
-            "model": run.config.model,
-            "num_classes": run.data.num_classes,
-            "input_shape": list(run.data.spec.image_shape),
-            "widths": model_widths(self.model),
-            "stage": self.plan.name,
-            "stage_start_step": self.plan.start_step,
-            "step": self.step,
-            "epoch": self.epoch,
-            "epoch_sums": _host(self.sums) if self.sums else None,
-            "config": config_record(run.config),
-            "wall_time_s": run.clock.wall_time(),
-            "compile_time_s": run.clock.compile_s,
-            **run.record,
-        }
-        if run.search is not None:
-            arrays["search"], meta["search"] = run.search.state_dict()
-        if self.swa_count:
-            arrays["swa"], meta["swa_count"] = parallel.unreplicate(self.swa_params), self.swa_count
-        if self.weight_mask is not None:
-            arrays["weight_mask"] = parallel.unreplicate(self.weight_mask)
-        run.checkpointer.save(self.step, arrays, meta)
+        self.run.checkpointer.save(self.step, *_checkpoint(self))
         self.last_saved = self.step
 
     def _check_finite(self) -> None:
         if self.sums is not None and not math.isfinite(_host(self.sums)["loss_sum"]):
-            saved = self.run.checkpointer.steps() if self.run.checkpointer else []
-            kept = (
-                f"the last good checkpoint (step {saved[-1]}) is kept" if saved else "no checkpoint"
-            )
-            raise TrainingDiverged(
-                f"the training loss became {_host(self.sums)['loss_sum']} by step {self.step} "
-                f"(epoch {self.epoch + 1}); {kept}; lower learning_rate or check the data"
-            )
-
-    def _log_progress(self, epoch: int, done: int, first: int, epoch_start: float) -> None:
-        elapsed = time.perf_counter() - epoch_start
-        rates, spe = _rates(self.sums), self.run.steps_per_epoch
-        logger.info(
-            "epoch %3d  step %d/%d  loss %.4f  train %.2f%%  %.0f img/s  epoch ETA %s",
-            epoch + 1,
-            done,
-            spe,
-            rates["loss"],
-            100 * rates["accuracy"],
-            (done - first) * self.run.config.batch_size / elapsed,
-            format_duration(elapsed / (done - first) * (spe - done)),
-        )
+            raise _diverged(self)
 
 
 _p_swa_update = jax.pmap(train.swa_update, in_axes=(0, 0, None))
+
+
+class WeightAverage:
+    """SWA (SWALP): the running mean of the weights at each epoch end, on the devices."""
+
+    def __init__(self, params=None, count: int = 0):
+        self.params = None if params is None else parallel.replicate(params)
+        self.count = count
+
+    def add(self, params) -> None:
+        if self.count == 0:  # a copy: the train step donates (frees) the state's
+            self.params = jax.tree.map(jax.numpy.copy, params)
+        else:
+            self.params = _p_swa_update(self.params, params, self.count)
+        self.count += 1
+
+
+def swa_result(trainer: Trainer) -> tuple[dict, dict]:
+    """The weight average with BN statistics recomputed over one pass of the training
+    data: (its eval metrics, its variables on the host)."""
+    state = trainer.state.replace(params=trainer.swa.params)
+    p_stats = parallel.pmap_step(train.bn_statistics_step, donate_state=False)
+    sums, count = None, 0
+    for batch in _loader(trainer.run, "train", trainer.plan.end_epoch, 0):
+        stats = p_stats(state, parallel.shard(batch))
+        sums = stats if sums is None else jax.tree.map(jax.numpy.add, sums, stats)
+        count += 1
+    state = state.replace(batch_stats=jax.tree.map(lambda s: s / count, sums))
+    metrics = trainer.evaluate(state)
+    host = parallel.unreplicate(state)
+    logger.info(
+        "SWA over %d epochs: test %.2f%% (BN statistics recomputed)",
+        trainer.swa.count,
+        100 * metrics["accuracy"],
+    )
+    return metrics, {"params": host.params, "batch_stats": host.batch_stats}
+
+
+def _checkpoint(trainer: Trainer) -> tuple[dict, dict]:
+    """(arrays, JSON record) of a checkpoint: the state, the search, the SWA average and
+    the weight mask; the model's widths, the stage, the position and the run's record."""
+    run = trainer.run
+    arrays = {"train": flax.serialization.to_state_dict(parallel.unreplicate(trainer.state))}
+    meta = {
+        "model": run.config.model,
+        "num_classes": run.data.num_classes,
+        "input_shape": list(run.data.spec.image_shape),
+        "widths": model_widths(trainer.model),
+        "stage": trainer.plan.name,
+        "stage_start_step": trainer.plan.start_step,
+        "step": trainer.step,
+        "epoch": trainer.epoch,
+        "epoch_sums": _host(trainer.sums) if trainer.sums else None,
+        "config": config_record(run.config),
+        "wall_time_s": run.clock.wall_time(),
+        "compile_time_s": run.clock.compile_s,
+        **run.record,
+    }
+    if run.search is not None:
+        arrays["search"], meta["search"] = run.search.state_dict()
+    if trainer.swa.count:
+        arrays["swa"], meta["swa_count"] = (
+            parallel.unreplicate(trainer.swa.params),
+            trainer.swa.count,
+        )
+    if trainer.mask_args:
+        arrays["weight_mask"] = parallel.unreplicate(trainer.mask_args[0])
+    return arrays, meta
+
+
+def _diverged(trainer: Trainer) -> TrainingDiverged:
+    saved = trainer.run.checkpointer.steps() if trainer.run.checkpointer else []
+    kept = f"the last good checkpoint (step {saved[-1]}) is kept" if saved else "no checkpoint"
+    return TrainingDiverged(
+        f"the training loss became {_host(trainer.sums)['loss_sum']} by step {trainer.step} "
+        f"(epoch {trainer.epoch + 1}); {kept}; lower learning_rate or check the data"
+    )
+
+
+def _log_epoch(metrics: dict, end_epoch: int, eta: float) -> None:
+    logger.info(
+        "epoch %3d/%d  loss %.4f  train %.2f%%  test %.2f%%  %.0f img/s  ETA %s",
+        metrics["epoch"],
+        end_epoch,
+        metrics["train_loss"],
+        100 * metrics["train_accuracy"],
+        100 * metrics["test_accuracy"],
+        metrics["images_per_sec"],
+        format_duration(eta),
+    )
+
+
+def _log_progress(trainer: Trainer, epoch: int, done: int, first: int, epoch_start: float):
+    elapsed = time.perf_counter() - epoch_start
+    rates, spe = _rates(trainer.sums), trainer.run.steps_per_epoch
+    logger.info(
+        "epoch %3d  step %d/%d  loss %.4f  train %.2f%%  %.0f img/s  epoch ETA %s",
+        epoch + 1,
+        done,
+        spe,
+        rates["loss"],
+        100 * rates["accuracy"],
+        (done - first) * trainer.run.config.batch_size / elapsed,
+        format_duration(elapsed / (done - first) * (spe - done)),
+    )
 
 
 def _loader(run: RunContext, split: str, epoch: int = 0, first: int = 0):

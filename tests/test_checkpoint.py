@@ -144,6 +144,33 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, data
 
 
 @pytest.mark.slow
+def test_resuming_past_a_damaged_checkpoint_prints_only_eb_jax_s_line(tmp_path, data_dir):
+    """orbax's abandoned reads of the damaged step used to print tracebacks to stderr."""
+    pipeline.run(_config(data_dir, num_epochs=1), str(tmp_path))
+    _damage(tmp_path, 11, "truncated")
+    cmd = [
+        sys.executable,
+        "-m",
+        "eb_jax.main",
+        "--workdir",
+        str(tmp_path),
+        f"--config.data_dir={data_dir}",
+        "--config.model=vgg_tiny",
+        "--config.batch_size=128",
+        "--config.eval_batch_size=120",
+        "--config.num_epochs=2",
+        "--config.lr_boundaries=()",
+        "--config.log_every_steps=0",
+        "--config.checkpoint_every_steps=4",
+        "--config.async_checkpoints=False",
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("checkpoint step 11 is damaged") == 1
+    assert result.stderr == ""
+
+
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, data_dir):
     # lr x1e12 from epoch 1 on: the loss blows up after the epoch-0 checkpoint (step 22).
     cmd = [
