@@ -43,6 +43,13 @@ def check_replicas_same_on_all_processes(replicated, what: str) -> None:
         check_same_on_all_processes(digest, what)
 
 
+def sum_over_processes(value: float) -> float:
+    """The sum of `value` over the run's processes (each measured its own devices)."""
+    if jax.process_count() == 1:
+        return value
+    return float(np.sum(multihost_utils.process_allgather(np.float64(value))))
+
+
 def process_zero_says(flag: bool) -> bool:
     """Process 0's `flag` on every process (a decision taken from its filesystem view)."""
     if jax.process_count() == 1:

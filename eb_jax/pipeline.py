@@ -5,6 +5,7 @@ and result go to WORKDIR/report.json and a printed table.
 
 from __future__ import annotations
 
+import json
 import os
 
 import flax
@@ -12,18 +13,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eb_jax import cost, methods, names, parallel, platform, report, train
+from eb_jax import cost, energy, methods, names, parallel, platform, report, train
 from eb_jax import data as data_lib
 from eb_jax import steps as steps_lib
 from eb_jax.checkpoint import Checkpointer, check_config_matches
 from eb_jax.config import ConfigError, validate
+from eb_jax.energy import EnergyClock
 from eb_jax.methods import Stage
 from eb_jax.models import bn_scales, model_widths, widths_from_json
 from eb_jax.runlog import MetricWriter, logger
 from eb_jax.ticket import EarlyBirdDetector
 from eb_jax.ticket.export import save_ticket
 from eb_jax.ticket.search import TicketSearch
-from eb_jax.trainer import Clock, Resume, RunContext, Trainer, swa_result
+from eb_jax.trainer import (
+    ENERGY_FILE,
+    Clock,
+    Resume,
+    RunContext,
+    Trainer,
+    energy_now,
+    swa_result,
+)
 
 
 def run(config, workdir: str) -> dict:
@@ -87,6 +97,7 @@ def _report(ctx: RunContext, steps, net: steps_lib.Network) -> dict:
         "wall_time_s": ctx.clock.wall_time(),
         "compile_time_s": ctx.clock.compile_s,  # of the steps, part of the wall time
         "devices": platform.describe(whole_run=True),
+        "energy": _energy_record(ctx, trainer),
     }
     record["training_pflops"] = sum(s["training_pflops"] for s in record["stages"])
     record["num_epochs"] = config.num_epochs
@@ -99,6 +110,19 @@ def _report(ctx: RunContext, steps, net: steps_lib.Network) -> dict:
         report.write_report(ctx.workdir, record)
     logger.info("\n%s", report.format_table([record]))
     return record
+
+
+def _energy_record(ctx: RunContext, trainer: Trainer) -> dict:
+    """The run's measured energy (kJ, over every stage, restart and process), what a kill
+    threw away, and the meter; without a meter the totals are None and `why_not` says why."""
+    total = energy_now(trainer)
+    measured = total is not None
+    return {
+        "meter": ctx.energy.meter.name if measured else None,
+        "why_not": None if measured else ctx.energy.why_not,
+        "total_kj": total / 1e3 if measured else None,
+        "wasted_kj": ctx.energy.wasted_j / 1e3 if measured else None,
+    }
 
 
 def _finish_swa(ctx: RunContext, trainer: Trainer, last: float) -> dict:
@@ -153,6 +177,11 @@ def _start_or_resume(config, steps, data, checkpointer, writer, workdir):
     shape = data.spec.image_shape
     search = _new_search(config, steps, steps_lib.build_model(config, data.num_classes), shape)
     ctx = RunContext(config, data, workdir, checkpointer, writer, Clock(), search)
+    ctx.energy = EnergyClock(*energy.open_meter())
+    if ctx.energy.meter is None:
+        logger.info("energy: not measured (%s)", ctx.energy.why_not)
+    else:
+        logger.info("energy: measured by %s", ctx.energy.meter.name)
     built = {}
     restored = checkpointer.restore(lambda meta: _restore_target(ctx, steps, meta, built))
     if restored is None:
@@ -160,12 +189,14 @@ def _start_or_resume(config, steps, data, checkpointer, writer, workdir):
         variables = train.init_variables(model, jax.random.key(config.seed), shape)
         _save_init_for_rewind(ctx, steps, model, variables)
         ctx.clock = Clock()  # the wall time counts from here: training, not start-up
+        ctx.energy = EnergyClock(ctx.energy.meter, ctx.energy.why_not)  # and the energy
         return ctx, 0, steps_lib.Network(model, variables)
     step, arrays, meta = restored
     state = flax.serialization.from_state_dict(built["state"], arrays["train"])
     if search is not None and meta.get("search"):
         search.load_state_dict(arrays["search"], meta["search"])
     ctx.clock = Clock(meta["wall_time_s"], meta["compile_time_s"])
+    ctx.energy = _resumed_energy(ctx.energy, meta, workdir)
     ctx.record = {"history": meta["history"], "pruned": meta["pruned"]}
     logger.info(
         "resuming the run in %s from its checkpoint at step %d (epoch %d, stage %s)",
@@ -174,7 +205,9 @@ def _start_or_resume(config, steps, data, checkpointer, writer, workdir):
         meta["epoch"],
         meta["stage"],
     )
-    resume = Resume(meta["epoch_sums"], arrays.get("swa"), meta.get("swa_count", 0))
+    resume = Resume(
+        meta["epoch_sums"], arrays.get("swa"), meta.get("swa_count", 0), meta["energy_marks"]
+    )
     net = steps_lib.Network(
         built["model"],
         step=step,
@@ -184,6 +217,22 @@ def _start_or_resume(config, steps, data, checkpointer, writer, workdir):
         stage_start=meta["stage_start_step"],
     )
     return ctx, steps.index(built["stage"]), net
+
+
+def _resumed_energy(clock: EnergyClock, meta: dict, workdir: str) -> EnergyClock:
+    """The energy clock of a resumed run: the checkpoint's total goes on (counted by
+    process 0, as every process's own meter is summed), and what the killed process drew
+    after that checkpoint (energy.json, newer) is wasted."""
+    saved = meta.get("energy_j") or 0.0
+    wasted = meta.get("wasted_energy_j") or 0.0
+    path = os.path.join(workdir, ENERGY_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            last = json.load(f)
+        if last["step"] >= meta["step"] and last["energy_j"] is not None:
+            wasted += max(0.0, last["energy_j"] - saved)
+    first = jax.process_index() == 0
+    return EnergyClock(clock.meter, clock.why_not, saved if first else 0.0, wasted)
 
 
 def _restore_target(ctx: RunContext, steps, meta: dict, built: dict) -> dict:

@@ -57,10 +57,11 @@ _COLUMNS = (
     "ticket",
     "test acc",
     "PFLOPs",
+    "kJ",
     "vs dense",
     "wall time",
     "params",
-)
+)  # the paper's Table 2 pairs energy (kJ, measured; n/a without a meter) with PFLOPs
 
 _DRAWN_BY = {"ticket_epoch": " fixed", "no emergence": " none", "full search": " final"}
 
@@ -109,6 +110,7 @@ def format_table(records: list[dict]) -> str:
                 ticket,
                 f"{100 * r['test_accuracy']:.2f}%" + (" swa" if r.get("swa") else ""),
                 _format_pflops(r["training_pflops"]),
+                _format_kj(r),
                 f"{r['training_pflops'] / dense_run:.2f}x" if dense_run else "-",
                 format_duration(r["wall_time_s"]),
                 f"{r['params']['final']:,}",
@@ -150,6 +152,11 @@ def dense_run_pflops(record: dict) -> float:
         return per_epoch * record["num_epochs"]
     total = sum(s["epochs"] for s in record["stages"])  # reports written before num_epochs
     return per_epoch * (total // 2 if record["method"] in (names.NS, names.LT) else total)
+
+
+def _format_kj(record: dict) -> str:
+    total = (record.get("energy") or {}).get("total_kj")
+    return "n/a" if total is None else f"{total:.3g}"
 
 
 def _format_pflops(pflops: float) -> str:

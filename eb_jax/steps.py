@@ -26,7 +26,7 @@ from eb_jax.ticket import mask_distance
 from eb_jax.ticket.export import save_ticket
 from eb_jax.ticket.search import TicketSearch
 from eb_jax.ticket.surgery import apply_cut, plan_cut
-from eb_jax.trainer import Resume, RunContext, StagePlan, Trainer
+from eb_jax.trainer import Resume, RunContext, StagePlan, Trainer, energy_now
 
 
 @dataclasses.dataclass
@@ -120,7 +120,8 @@ def train_stage(ctx: RunContext, steps, stage: Stage, net: Network) -> Network:
         for epoch in range(trainer.epoch, plan.end_epoch):
             trainer.train_epoch(epoch)
     epochs = trainer.epoch - plan.start_step // ctx.steps_per_epoch
-    ctx.record["history"].append(_stage_entry(ctx, plan, model, epochs, net.weight_mask))
+    entry = _stage_entry(ctx, plan, model, epochs, net.weight_mask)
+    ctx.record["history"].append({**entry, **_stage_energy(ctx, trainer)})
     return Network(model, step=trainer.step, weight_mask=net.weight_mask, trainer=trainer)
 
 
@@ -138,6 +139,20 @@ def _stage_entry(ctx: RunContext, plan: StagePlan, model, epochs: int, weight_ma
     }
     if weight_mask is not None:  # zeros save no dense FLOPs; the kept MACs, labelled
         entry["nonzero_forward_macs"] = c.nonzero_macs
+    return entry
+
+
+def _stage_energy(ctx: RunContext, trainer: Trainer) -> dict:
+    """The stage's measured energy (its compilation and evaluations included) and average
+    power; None where there is no meter. A bfp8 stage's is that of its fp32 simulation."""
+    now = energy_now(trainer)
+    if now is None or trainer.marks["stage_j"] is None:
+        return {"energy_kj": None, "average_watts": None}
+    joules = now - trainer.marks["stage_j"]
+    seconds = ctx.clock.wall_time() - trainer.marks["stage_wall_s"]
+    entry = {"energy_kj": joules / 1e3, "average_watts": joules / max(seconds, 1e-9)}
+    if trainer.plan.precision.quantized:
+        entry["energy_note"] = "measured on the fp32 simulation of bfp8, not 8-bit hardware"
     return entry
 
 

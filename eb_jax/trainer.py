@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import time
 
 import flax
@@ -20,10 +21,11 @@ import numpy as np
 from eb_jax import data as data_lib
 from eb_jax import parallel, train
 from eb_jax.checkpoint import config_record
+from eb_jax.energy import EnergyClock
 from eb_jax.lowp import Precision
 from eb_jax.models import bn_scales, model_widths
 from eb_jax.prune.sfp import soft_prune
-from eb_jax.runlog import format_duration, logger
+from eb_jax.runlog import format_duration, logger, write_json
 
 
 class TrainingDiverged(RuntimeError):
@@ -70,6 +72,7 @@ class RunContext:
     clock: Clock
     search: object = None
     record: dict = dataclasses.field(default_factory=lambda: {"history": [], "pruned": None})
+    energy: EnergyClock = dataclasses.field(default_factory=lambda: EnergyClock(None, "no meter"))
 
     @property
     def steps_per_epoch(self) -> int:
@@ -78,11 +81,13 @@ class RunContext:
 
 @dataclasses.dataclass
 class Resume:
-    """Mid-stage state from a checkpoint: the epoch's metric sums so far, the SWA average."""
+    """Mid-stage state from a checkpoint: the epoch's metric sums so far, the SWA average,
+    and the run's energy and wall time when the stage and the epoch began."""
 
     epoch_sums: dict | None = None
     swa_params: object = None
     swa_count: int = 0
+    marks: dict | None = None  # {'stage_j', 'stage_wall_s', 'epoch_j'}
 
 
 class Trainer:
@@ -114,6 +119,8 @@ class Trainer:
         self.last_saved = self.step if resumed else None  # its checkpoint exists
         self.start_step, self.last_metrics, self.compiling_s = self.step, {}, 0.0
         self.started = time.perf_counter()
+        self.lr = train.stage_lr(run.config, run.steps_per_epoch, plan.lr_origin)  # the one source
+        self.marks = resume.marks or _stage_start_marks(self)
         step_fn = functools.partial(
             train.train_step, precision=model.precision, seed=run.config.seed
         )
@@ -144,20 +151,15 @@ class Trainer:
         """The BN scale vectors (first device's copy) in module order."""
         return bn_scales(self.model, jax.tree.map(lambda x: x[0], self.state.params))
 
-    def learning_rate(self, step: int) -> float:
-        """The LR the optimizer used at global `step` (from the same schedule)."""
-        lr = train.stage_lr(self.run.config, self.run.steps_per_epoch, self.plan.lr_origin)
-        return float(lr(step))
-
     def train_epoch(self, epoch: int) -> dict:
         """Trains the rest of `epoch` (all of it unless resumed mid-epoch), then evaluates."""
         spe = self.run.steps_per_epoch
         first = self.step - epoch * spe
         if not 0 <= first < spe:
             raise ValueError(f"at step {self.step}, epoch {epoch} is not the current one")
-        epoch_start = time.perf_counter()
+        epoch_start, entry_j = time.perf_counter(), energy_now(self)
         if first == 0:
-            self.sums = None
+            self.sums, self.marks["epoch_j"] = None, entry_j
         for batch in _loader(self.run, "train", epoch, first):
             self._step(batch)
             done = self.step - epoch * spe
@@ -174,6 +176,8 @@ class Trainer:
         if self.plan.swa_start and epoch - self.plan.lr_origin // spe >= self.plan.swa_start:
             self.swa.add(self.state.params)
         metrics = self._epoch_metrics(epoch, first, train_time)
+        metrics.update(_epoch_energy(self, entry_j, time.perf_counter() - epoch_start))
+        self.run.writer.write_scalars(self.step, metrics)
         self.last_metrics = metrics
         self.save()
         return metrics
@@ -201,9 +205,8 @@ class Trainer:
             "test_loss": test["loss"],
             "test_accuracy": test["accuracy"],
             "images_per_sec": (spe - first) * config.batch_size / train_time,
-            "learning_rate": self.learning_rate(self.step - 1),
+            "learning_rate": float(self.lr(self.step - 1)),  # the optimizer's last
         }
-        self.run.writer.write_scalars(self.step, metrics)
         _log_epoch(metrics, self.plan.end_epoch, eta)
         return metrics
 
@@ -294,8 +297,12 @@ def _checkpoint(trainer: Trainer) -> tuple[dict, dict]:
         "config": config_record(run.config),
         "wall_time_s": run.clock.wall_time(),
         "compile_time_s": run.clock.compile_s,
+        "energy_j": energy_now(trainer),
+        "wasted_energy_j": run.energy.wasted_j,
+        "energy_marks": trainer.marks,
         **run.record,
     }
+    _note_energy(trainer, meta["energy_j"])
     if run.search is not None:
         arrays["search"], meta["search"] = run.search.state_dict()
     if trainer.swa.count:
@@ -306,6 +313,47 @@ def _checkpoint(trainer: Trainer) -> tuple[dict, dict]:
     if trainer.mask_args:
         arrays["weight_mask"] = parallel.unreplicate(trainer.mask_args[0])
     return arrays, meta
+
+
+ENERGY_FILE = "energy.json"  # the run's energy at its newest checkpoint or progress line
+
+
+def _stage_start_marks(trainer: Trainer) -> dict:
+    """The run's energy and wall time as a stage starts (its epoch's energy comes later)."""
+    return {
+        "stage_j": energy_now(trainer),
+        "stage_wall_s": trainer.run.clock.wall_time(),
+        "epoch_j": None,
+    }
+
+
+def _note_energy(trainer: Trainer, joules: float | None) -> None:
+    """WORKDIR/energy.json: the run's energy at this step. Written at every checkpoint and
+    progress line, it shows a resumed run what the killed one drew past its checkpoint."""
+    if joules is not None and jax.process_index() == 0:
+        record = {"step": trainer.step, "energy_j": joules}
+        write_json(os.path.join(trainer.run.workdir, ENERGY_FILE), record)
+
+
+def energy_now(trainer: Trainer) -> float | None:
+    """The run's measured joules so far over all processes, once the devices are done;
+    None without a meter."""
+    if trainer.run.energy.meter is None:
+        return None
+    jax.block_until_ready(trainer.state)
+    return parallel.sum_over_processes(trainer.run.energy.joules())
+
+
+def _epoch_energy(trainer: Trainer, entry_j: float | None, seconds: float) -> dict:
+    """The epoch's joules (from its first step; a resumed epoch's earlier part included)
+    and the average watts of this process's part of it; {} without a meter."""
+    now = energy_now(trainer)
+    if now is None:
+        return {}
+    return {
+        "energy/epoch_joules": now - trainer.marks["epoch_j"],
+        "energy/average_watts": (now - entry_j) / max(seconds, 1e-9),
+    }
 
 
 def _diverged(trainer: Trainer) -> TrainingDiverged:
@@ -331,6 +379,7 @@ def _log_epoch(metrics: dict, end_epoch: int, eta: float) -> None:
 
 
 def _log_progress(trainer: Trainer, epoch: int, done: int, first: int, epoch_start: float):
+    _note_energy(trainer, energy_now(trainer))
     elapsed = time.perf_counter() - epoch_start
     rates, spe = _rates(trainer.sums), trainer.run.steps_per_epoch
     logger.info(

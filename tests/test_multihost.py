@@ -120,3 +120,31 @@ def test_two_processes_run_eb_train_as_one_process_with_two_devices_and_resume(
     assert "1 x cpu in each of 2 processes" in outputs[0] and "cut the p=0.5" in outputs[0]
     assert "epoch   2/2" in outputs[0] and "epoch" not in outputs[1]  # process 0 reports
     _assert_same_run(tmp_path, single)
+
+
+SUM_SCRIPT = """
+import sys
+import jax
+from eb_jax import parallel
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+print("sum", parallel.sum_over_processes(1.5 + int(sys.argv[2])))
+"""
+
+
+def test_each_process_measures_its_own_devices_and_the_sum_is_reported():
+    """Energy: every process reads its own meter; the run reports the sum (1.5 + 2.5)."""
+    address = f"127.0.0.1:{_free_port()}"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SUM_SCRIPT, address, str(i)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = _finish(procs, timeout=120)
+    assert all("sum 4.0" in out for out in outputs), outputs

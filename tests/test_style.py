@@ -55,7 +55,7 @@ LAYERS = [
         "lowp",
         "platform",
     ],
-    ["names", "runlog"],
+    ["names", "runlog", "energy"],
 ]
 
 
