@@ -17,4 +17,7 @@ def get_config():
     config.eval_batch_size = 120
     config.lr_boundaries = (10, 15)
     config.log_every_steps = 0  # epochs are short: one line per epoch
+    # python -m eb_jax.experiments: grids small enough for minutes on 2 CPU cores.
+    config.grid_ratios = (0.3, 0.5)
+    config.grid_ticket_epochs = (2, 5, 10)
     return config

@@ -75,6 +75,10 @@ def _method_fields(c: ml_collections.ConfigDict) -> None:
     c.thinet_images = 128  # 'thinet': training images sampled (seeded) per layer
     c.thinet_locations = 10  # 'thinet': random (channel, position) samples per image
     c.snip_batches = 1  # 'snip': training batches the sensitivity is averaged over
+    # python -m eb_jax.experiments: the prune ratios of its grids (--ratios overrides), and
+    # the ticket epochs of Fig. 1/2/5; () = 1/16, 1/8, 1/4, 1/2, 3/4 and all of num_epochs
+    c.grid_ratios = (0.3, 0.5, 0.7)
+    c.grid_ticket_epochs = ()
     c.min_channels = 1  # no layer ends empty: its largest-|scale| channels stay
     c.round_to = 0  # round kept counts up to a multiple (8 GPU, 128 TPU); 0: off
     c.prune_residual = False  # ResNet-18/50: prune the residual widths too

@@ -18,13 +18,13 @@ QUICKSTART = os.path.join(
     os.path.dirname(os.path.dirname(eb_jax.__file__)), "configs", "quickstart.py"
 )
 
-_WORKDIR = flags.DEFINE_string(
+WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for metrics, checkpoints and plots (default: runs/<config>)."
 )
-_CONFIG = []  # the config flag's holder, defined by run(): defining it parses sys.argv
+CONFIG = []  # the config flag's holder, defined by run(): defining it parses sys.argv
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
     print(f"eb_jax: error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -38,17 +38,23 @@ def _describe(error: Exception) -> str:
     return f"bad config: {' '.join(str(error).split())}"
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing with every bad flag or config as a one-line error."""
+def parse_flags(argv: list[str], positional: int = 0) -> list[str]:
+    """absl flag parsing with every bad flag or config as a one-line error; exactly
+    `positional` arguments may follow the program's name."""
     try:
         rest = flags.FLAGS(argv)
-        _CONFIG[0].value.keys()  # loads the config file: a missing or broken one fails here
+        CONFIG[0].value.keys()  # loads the config file: a missing or broken one fails here
     except flags.Error as e:
-        _fail(str(e))
+        fail(str(e))
     except Exception as e:  # ml_collections raises assorted types for a bad config
-        _fail(_describe(e))
-    if len(rest) > 1:
-        _fail(f"unexpected arguments: {' '.join(rest[1:])} (flags look like --config.field=value)")
+        fail(_describe(e))
+    if len(rest) - 1 > positional:
+        fail(
+            f"unexpected arguments: {' '.join(rest[1 + positional :])} (flags look like "
+            "--config.field=value)"
+        )
+    if len(rest) - 1 < positional:
+        fail(f"{argv[0]} needs {positional} argument(s) before its flags; see --help")
     return rest
 
 
@@ -62,27 +68,28 @@ def main(argv) -> int:
     from eb_jax.data import DataError
     from eb_jax.trainer import TrainingDiverged
 
-    config = _CONFIG[0].value
+    config = CONFIG[0].value
     platform.set_cpu_xla_flags(config.cpu_xla_flags)  # before JAX starts its backend
     report.setup_logging()  # quiets absl before JAX logs
     try:
         parallel.initialize_distributed(config.distributed)
     except (ValueError, RuntimeError) as e:
-        _fail(f"cannot join the distributed run: {' '.join(str(e).split())}")
+        fail(f"cannot join the distributed run: {' '.join(str(e).split())}")
     report.setup_logging(jax.process_index())
-    workdir = _WORKDIR.value or pipeline.default_workdir(
+    workdir = WORKDIR.value or pipeline.default_workdir(
         config_flags.get_config_filename(flags.FLAGS["config"])
     )
     try:
         pipeline.run(config, workdir)
     except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
-        _fail(str(e))
+        fail(str(e))
     return 0
 
 
-def run() -> None:
+def define_config_flag() -> None:
+    """--config (default: the quickstart), with a bad file as a one-line error."""
     try:
-        _CONFIG.append(
+        CONFIG.append(
             config_flags.DEFINE_config_file(
                 "config",
                 QUICKSTART,
@@ -91,7 +98,11 @@ def run() -> None:
             )
         )
     except Exception as e:
-        _fail(_describe(e))
+        fail(_describe(e))
+
+
+def run() -> None:
+    define_config_flag()
     app.run(main, flags_parser=parse_flags)
 
 

@@ -67,9 +67,13 @@ def run(config, workdir: str) -> dict:
 def _report(ctx: RunContext, steps, net: steps_lib.Network) -> dict:
     """What the run cost and what it got; written to report.json."""
     config, trainer = ctx.config, net.trainer
-    final = trainer.last_metrics.get("test_accuracy")
-    if final is None:  # nothing left to train (a finished run started again), or a cut
-        final = trainer.evaluate()["accuracy"]
+    if "test_accuracy" in trainer.last_metrics:
+        last = trainer.last_metrics
+        tested = {"accuracy": last["test_accuracy"], "top5": last.get("test_top5_accuracy")}
+    else:  # nothing left to train (a finished run started again), or a cut
+        result = trainer.evaluate()
+        tested = {"accuracy": result["accuracy"], "top5": result.get("top5_accuracy")}
+    final = tested["accuracy"]
     parallel.check_replicas_same_on_all_processes(trainer.state.params, "the final weights")
     swa = _finish_swa(ctx, trainer, final) if trainer.swa.count else None
     shape = ctx.data.spec.image_shape
@@ -89,6 +93,7 @@ def _report(ctx: RunContext, steps, net: steps_lib.Network) -> dict:
         "ticket_epoch": ticket.epoch if ticket else pruned["epoch"] if pruned else None,
         "ticket_drawn_by": _drawn_by(config, steps, ticket, pruned),
         "test_accuracy": swa["accuracy"] if swa else final,
+        "test_top5_accuracy": swa["top5"] if swa else tested["top5"],  # None under 5 classes
         "swa": swa["record"] if swa else None,
         "params": {"dense": dense.params, "final": end.params},
         "forward_flops": {"dense": dense.flops, "final": end.flops},
@@ -142,7 +147,7 @@ def _finish_swa(ctx: RunContext, trainer: Trainer, last: float) -> dict:
         "epochs_averaged": trainer.swa.count,
         "test_accuracy_without": last,
     }
-    return {"accuracy": metrics["accuracy"], "record": record}
+    return {"accuracy": metrics["accuracy"], "top5": metrics.get("top5_accuracy"), "record": record}
 
 
 def _drawn_by(config, steps, ticket, pruned) -> str | None:

@@ -211,7 +211,8 @@ def swa_update(average, params, count):
 
 
 def eval_step(state: TrainState, batch, axis_name: str | None = None):
-    """Summed loss/correct/count over the examples whose `mask` is set (padding is not)."""
+    """Summed loss/correct(/top-5 correct)/count over the examples whose `mask` is set
+    (padding is not)."""
     logits = state.apply_fn(
         {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
     )
@@ -222,6 +223,9 @@ def eval_step(state: TrainState, batch, axis_name: str | None = None):
         "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) & mask),
         "count": jnp.sum(mask.astype(jnp.int32)),
     }
+    if logits.shape[-1] >= 5:  # top-5 (ImageNet's second number): the label among the 5 best
+        _, top5 = jax.lax.top_k(logits, 5)
+        metrics["correct5"] = jnp.sum(jnp.any(top5 == batch["label"][:, None], -1) & mask)
     if axis_name is not None:
         metrics = jax.lax.psum(metrics, axis_name)
     return metrics

@@ -204,6 +204,7 @@ class Trainer:
             "train_accuracy": trained["accuracy"],
             "test_loss": test["loss"],
             "test_accuracy": test["accuracy"],
+            **({"test_top5_accuracy": test["top5_accuracy"]} if "top5_accuracy" in test else {}),
             "images_per_sec": (spe - first) * config.batch_size / train_time,
             "learning_rate": float(self.lr(self.step - 1)),  # the optimizer's last
         }
@@ -437,4 +438,7 @@ def _host(sums: dict) -> dict:
 def _rates(sums: dict) -> dict:
     sums = _host(sums)
     count = max(sums["count"], 1)
-    return {"loss": sums["loss_sum"] / count, "accuracy": sums["correct"] / count}
+    rates = {"loss": sums["loss_sum"] / count, "accuracy": sums["correct"] / count}
+    if "correct5" in sums:
+        rates["top5_accuracy"] = sums["correct5"] / count
+    return rates

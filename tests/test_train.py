@@ -132,6 +132,22 @@ def test_eval_step_ignores_padding():
     np.testing.assert_allclose(padded["loss_sum"], full["loss_sum"], rtol=1e-6)
 
 
+def test_eval_step_counts_top5_with_five_classes_or_more():
+    logits = np.array([[9, 8, 7, 6, 5, 0], [0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]], np.float32)
+    labels = np.array([4, 0, 5], np.int32)  # 5th best: in; worst: out; worst: out
+
+    def apply_fn(variables, images, train):
+        return images
+
+    state = train.TrainState(
+        step=0, apply_fn=apply_fn, params={}, tx=None, opt_state=None, batch_stats={}
+    )
+    metrics = train.eval_step(state, {"image": logits, "label": labels})
+    assert int(metrics["correct5"]) == 1 and int(metrics["correct"]) == 0
+    few = train.eval_step(state, {"image": logits[:, :4], "label": labels % 4})
+    assert "correct5" not in few
+
+
 def test_sync_batch_stats_averages_devices():
     stats = {"bn": {"mean": np.stack([np.zeros(3), np.full(3, 2.0)]).astype(np.float32)}}
     state = train.TrainState(

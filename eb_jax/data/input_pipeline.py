@@ -41,12 +41,14 @@ class DatasetSpec:
     std: tuple
     augment: str  # 'none' | 'cifar' | 'imagenet'
     in_memory: bool = False  # small enough to read once and batch with numpy (in_memory.py)
+    train_examples: int = 0  # the train split's size, for projections made without the data
+    num_classes: int = 0  # likewise
 
 
 DATASETS = {
     # mean/std of the digits training images scaled to [0, 1].
     "digits": DatasetSpec(
-        digits.NAME, "train", "test", (8, 8, 1), (0.3053,), (0.3759,), "none", True
+        digits.NAME, "train", "test", (8, 8, 1), (0.3053,), (0.3759,), "none", True, 1437, 10
     ),
     # CIFAR: 50 000 32x32x3 uint8 training images are 150 MB in memory.
     "cifar10": DatasetSpec(
@@ -58,6 +60,8 @@ DATASETS = {
         (0.2023, 0.1994, 0.2010),
         "cifar",
         True,
+        50_000,
+        10,
     ),
     "cifar100": DatasetSpec(
         "cifar100",
@@ -68,6 +72,8 @@ DATASETS = {
         (0.2023, 0.1994, 0.2010),
         "cifar",
         True,
+        50_000,
+        100,
     ),
     "imagenet2012": DatasetSpec(
         "imagenet2012",
@@ -77,6 +83,8 @@ DATASETS = {
         IMAGENET_MEAN,
         IMAGENET_STD,
         "imagenet",
+        train_examples=1_281_167,
+        num_classes=1000,
     ),
 }
 
