@@ -27,6 +27,51 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
 
 
+def tiny_config(data_dir, **overrides):
+    """The tests' run: the tiny VGG on the digits, a few epochs of 11 steps, quiet."""
+    from eb_jax.config import default_config
+
+    config = default_config()
+    config.update(
+        model="vgg_tiny",
+        dataset="digits",
+        data_dir=data_dir,
+        batch_size=128,
+        eval_batch_size=120,
+        log_every_steps=0,
+    )
+    config.update(overrides)
+    return config
+
+
+_TRAINED_LIKE = {}
+
+
+def trained_like(name, shape, seed=0):
+    """Init variables with scales, biases and statistics spread as after training."""
+    if (name, seed) not in _TRAINED_LIKE:
+        import jax
+        import numpy as np
+
+        from eb_jax import train
+        from eb_jax.models import create_model
+
+        model = create_model(name, 10)
+        variables = train.init_variables(model, jax.random.key(seed), shape)
+        rng = np.random.default_rng(seed)
+
+        def spread(path, x):
+            leaf = path[-1].key
+            if leaf in ("scale", "var"):
+                return rng.uniform(0.2, 1.5, x.shape).astype(np.float32)
+            if leaf in ("bias", "mean"):
+                return rng.normal(0, 0.2, x.shape).astype(np.float32)
+            return np.asarray(x)
+
+        _TRAINED_LIKE[name, seed] = (model, jax.tree_util.tree_map_with_path(spread, variables))
+    return _TRAINED_LIKE[name, seed]
+
+
 class Interrupted(Exception):
     """Raised by `interrupt_after` in place of a killed run."""
 

@@ -7,11 +7,10 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import Interrupted, checkpoint_arrays
+from conftest import Interrupted, checkpoint_arrays, tiny_config
 
 from eb_jax import pipeline, report
 from eb_jax.checkpoint import load_model
-from eb_jax.config import default_config
 from eb_jax.cost import forward_cost, training_flops
 from eb_jax.models import create_model
 from eb_jax.prune.weights import magnitude_mask
@@ -36,21 +35,8 @@ STOPS = {"thinet": [1, 3], "snip": [1], "sfp": [1], "lt_weights": [1, 3], "eb_re
 
 
 def _config(data_dir, **overrides):
-    config = default_config()
-    config.update(
-        model="vgg_tiny",
-        dataset="digits",
-        data_dir=data_dir,
-        batch_size=128,
-        eval_batch_size=120,
-        num_epochs=EPOCHS,
-        lr_boundaries=(1,),
-        log_every_steps=0,
-        eb_window=2,
-        eb_eps=0.5,
-    )
-    config.update(overrides)
-    return config
+    defaults = dict(num_epochs=EPOCHS, lr_boundaries=(1,), eb_window=2, eb_eps=0.5)
+    return tiny_config(data_dir, **{**defaults, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,10 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import checkpoint_arrays
+from conftest import checkpoint_arrays, tiny_config
 
 from eb_jax import pipeline, train
 from eb_jax.checkpoint import Checkpointer, load_model
-from eb_jax.config import default_config
 from eb_jax.data import open_dataset
 from eb_jax.lowp import FP32
 from eb_jax.models import create_model
@@ -89,21 +88,10 @@ def test_killed_quickstart_resumes_bit_identically(tmp_path, data_dir):
 
 
 def _config(data_dir, **overrides):
-    config = default_config()
-    config.update(
-        model="vgg_tiny",
-        dataset="digits",
-        data_dir=data_dir,
-        batch_size=128,
-        eval_batch_size=120,
-        num_epochs=2,
-        lr_boundaries=(),
-        log_every_steps=0,
-        checkpoint_every_steps=4,
-        async_checkpoints=False,
+    defaults = dict(
+        num_epochs=2, lr_boundaries=(), checkpoint_every_steps=4, async_checkpoints=False
     )
-    config.update(overrides)
-    return config
+    return tiny_config(data_dir, **{**defaults, **overrides})
 
 
 def _damage(workdir, step, how):

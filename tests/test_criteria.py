@@ -6,31 +6,19 @@ import itertools
 import jax
 import numpy as np
 import pytest
+from conftest import trained_like
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eb_jax import parallel, train
 from eb_jax.config import default_config
-from eb_jax.models import create_model
 from eb_jax.prune import sfp, thinet, weights
 from eb_jax.ticket.groups import interior_groups, producer
 from eb_jax.ticket.surgery import apply_cut, plan_cut
 
 
 def _model(name="vgg_tiny", shape=(8, 8, 1), seed=0):
-    model = create_model(name, 10)
-    variables = train.init_variables(model, jax.random.key(seed), shape)
-    rng = np.random.default_rng(seed)
-
-    def spread(path, x):  # BN parameters and statistics as after training
-        leaf = path[-1].key
-        if leaf in ("scale", "var"):
-            return rng.uniform(0.2, 1.5, x.shape).astype(np.float32)
-        if leaf in ("bias", "mean"):
-            return rng.normal(0, 0.2, x.shape).astype(np.float32)
-        return np.asarray(x)
-
-    return model, jax.tree_util.tree_map_with_path(spread, variables)
+    return trained_like(name, shape, seed)
 
 
 def _images(shape, n=6, seed=1):

@@ -5,10 +5,9 @@ import json
 import time
 
 import pytest
-from conftest import Interrupted
+from conftest import Interrupted, tiny_config
 
 from eb_jax import energy, pipeline, report
-from eb_jax.config import default_config
 from eb_jax.trainer import ENERGY_FILE, Trainer
 
 WATTS = 100.0
@@ -62,22 +61,8 @@ def hundred_watts(monkeypatch):
 
 
 def _config(data_dir, **overrides):
-    config = default_config()
-    config.update(
-        model="vgg_tiny",
-        dataset="digits",
-        data_dir=data_dir,
-        batch_size=128,
-        eval_batch_size=120,
-        num_epochs=3,
-        lr_boundaries=(),
-        log_every_steps=0,
-        eb_window=2,
-        eb_eps=0.5,
-        ticket_epoch=1,
-    )
-    config.update(overrides)
-    return config
+    defaults = dict(num_epochs=3, lr_boundaries=(), eb_window=2, eb_eps=0.5, ticket_epoch=1)
+    return tiny_config(data_dir, **{**defaults, **overrides})
 
 
 def _epochs(workdir):

@@ -3,31 +3,17 @@
 import jax
 import numpy as np
 import pytest
-from conftest import Interrupted, checkpoint_arrays
+from conftest import Interrupted, checkpoint_arrays, tiny_config
 
 from eb_jax import lowp, pipeline, report
 from eb_jax.checkpoint import load_model
-from eb_jax.config import default_config
 
 pytestmark = pytest.mark.slow  # end-to-end runs: pytest -m 'not slow' skips them
 
 
 def _config(data_dir, **overrides):
-    config = default_config()
-    config.update(
-        model="vgg_tiny",
-        dataset="digits",
-        data_dir=data_dir,
-        batch_size=128,
-        eval_batch_size=120,
-        num_epochs=2,
-        lr_boundaries=(1,),
-        log_every_steps=0,
-        ticket_epoch=1,
-        checkpoints_to_keep=10,
-    )
-    config.update(overrides)
-    return config
+    defaults = dict(num_epochs=2, lr_boundaries=(1,), ticket_epoch=1, checkpoints_to_keep=10)
+    return tiny_config(data_dir, **{**defaults, **overrides})
 
 
 def _lowp(data_dir, retrain):

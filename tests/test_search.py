@@ -4,29 +4,18 @@ import json
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from eb_jax import pipeline
 from eb_jax.checkpoint import load_model
-from eb_jax.config import default_config
 from eb_jax.ticket.search import Ticket
 
 pytestmark = pytest.mark.slow  # end-to-end runs: pytest -m 'not slow' skips them
 
 
 def _config(data_dir, **overrides):
-    config = default_config()
-    config.update(
-        model="vgg_tiny",
-        dataset="digits",
-        data_dir=data_dir,
-        batch_size=128,
-        eval_batch_size=120,
-        num_epochs=4,
-        lr_boundaries=(),
-        log_every_steps=0,
-    )
-    config.update(overrides)
-    return config
+    defaults = dict(num_epochs=4, lr_boundaries=())
+    return tiny_config(data_dir, **{**defaults, **overrides})
 
 
 def test_keep_searching_records_every_epoch(tmp_path, data_dir):

@@ -4,11 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import trained_like
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from eb_jax import train
-from eb_jax.models import bn_scales, create_model
+from eb_jax.models import bn_scales
 from eb_jax.ticket.surgery import apply_cut, cut_ticket, plan_cut
 
 FAMILIES = [  # name, input shape, plan options
@@ -19,27 +20,7 @@ FAMILIES = [  # name, input shape, plan options
     ("resnet_tiny", (16, 16, 3), {"prune_residual": True}),
     ("resnet_tiny_bottleneck", (16, 16, 3), {"prune_residual": True}),
 ]
-_VARIABLES = {}
 NO_SHRINK = (Phase.explicit, Phase.reuse, Phase.generate)  # each example compiles a model
-
-
-def _trained_like(name, shape, seed=0):
-    """Init variables with scales, biases and statistics spread as after training."""
-    if (name, seed) not in _VARIABLES:
-        model = create_model(name, 10)
-        variables = train.init_variables(model, jax.random.key(seed), shape)
-        rng = np.random.default_rng(seed)
-
-        def spread(path, x):
-            leaf = path[-1].key
-            if leaf in ("scale", "var"):
-                return rng.uniform(0.2, 1.5, x.shape).astype(np.float32)
-            if leaf in ("bias", "mean"):
-                return rng.normal(0, 0.2, x.shape).astype(np.float32)
-            return np.asarray(x)
-
-        _VARIABLES[name, seed] = (model, jax.tree_util.tree_map_with_path(spread, variables))
-    return _VARIABLES[name, seed]
 
 
 def _switched_off(model, variables, masks):
@@ -64,7 +45,7 @@ def _random_masks(model, params, data, keep_fraction):
 @settings(max_examples=4, deadline=None, derandomize=True, phases=NO_SHRINK)
 @given(data=st.data())
 def test_cut_network_equals_dense_network_with_pruned_channels_off(name, shape, options, data):
-    model, variables = _trained_like(name, shape)
+    model, variables = trained_like(name, shape)
     masks = _random_masks(model, variables["params"], data, None)
     narrow, narrow_variables, plan = cut_ticket(model, variables, masks, **options)
     images = np.random.default_rng(1).standard_normal((2, *shape)).astype(np.float32)
@@ -82,7 +63,7 @@ def test_cut_network_equals_dense_network_with_pruned_channels_off(name, shape, 
 
 @pytest.mark.parametrize("name,shape,options", FAMILIES)
 def test_all_ones_mask_gives_an_identical_model(name, shape, options):
-    model, variables = _trained_like(name, shape)
+    model, variables = trained_like(name, shape)
     masks = [np.ones(s.shape[0], bool) for s in bn_scales(model, variables["params"])]
     narrow, narrow_variables, plan = cut_ticket(model, variables, masks, **options)
     assert jax.tree.map(np.shape, narrow_variables) == jax.tree.map(np.shape, variables)
@@ -92,7 +73,7 @@ def test_all_ones_mask_gives_an_identical_model(name, shape, options):
 
 
 def test_vgg_widths_and_parameter_count_follow_the_masks():
-    model, variables = _trained_like("vgg_tiny", (8, 8, 1))
+    model, variables = trained_like("vgg_tiny", (8, 8, 1))
     masks = [np.arange(8) < 3, np.arange(16) % 2 == 0, np.arange(16) < 5]
     narrow, narrow_variables, _ = cut_ticket(model, variables, masks)
     assert narrow.cfg == (3, "M", 8, 5)
@@ -102,7 +83,7 @@ def test_vgg_widths_and_parameter_count_follow_the_masks():
 
 
 def test_preresnet_selection_reads_the_kept_input_channels():
-    model, variables = _trained_like("preresnet_tiny", (8, 8, 3))
+    model, variables = trained_like("preresnet_tiny", (8, 8, 3))
     masks = [np.zeros(s.shape[0], bool) for s in bn_scales(model, variables["params"])]
     masks[0][[2, 5, 7]] = True  # stage0_block0_bn1 (16 input channels)
     narrow, narrow_variables, plan = cut_ticket(model, variables, masks)
@@ -118,7 +99,7 @@ def test_preresnet_selection_reads_the_kept_input_channels():
 
 
 def test_min_channels_keeps_the_largest_scales_alive():
-    model, variables = _trained_like("vgg_tiny", (8, 8, 1))
+    model, variables = trained_like("vgg_tiny", (8, 8, 1))
     scales = [np.asarray(s) for s in bn_scales(model, variables["params"])]
     masks = [np.ones(8, bool), np.zeros(16, bool), np.ones(16, bool)]
     plan = plan_cut(model, variables["params"], masks, min_channels=3)
@@ -128,7 +109,7 @@ def test_min_channels_keeps_the_largest_scales_alive():
 
 
 def test_round_to_adds_the_next_largest_scales():
-    model, variables = _trained_like("vgg_tiny", (8, 8, 1))
+    model, variables = trained_like("vgg_tiny", (8, 8, 1))
     scales = [np.asarray(s) for s in bn_scales(model, variables["params"])]
     asked = np.zeros(16, bool)
     asked[[0, 1, 2]] = True
@@ -143,7 +124,7 @@ def test_round_to_adds_the_next_largest_scales():
 
 
 def test_rewind_cuts_the_initial_weights_with_the_same_plan():
-    model, trained = _trained_like("vgg_tiny", (8, 8, 1))
+    model, trained = trained_like("vgg_tiny", (8, 8, 1))
     initial = train.init_variables(model, jax.random.key(0), (8, 8, 1))
     masks = [np.arange(8) < 4, np.arange(16) >= 10, np.arange(16) % 3 == 0]
     plan = plan_cut(model, trained["params"], masks)
@@ -153,7 +134,7 @@ def test_rewind_cuts_the_initial_weights_with_the_same_plan():
 
 
 def test_masks_of_the_wrong_length_or_family_are_clear_errors():
-    model, variables = _trained_like("vgg_tiny", (8, 8, 1))
+    model, variables = trained_like("vgg_tiny", (8, 8, 1))
     with pytest.raises(ValueError, match="got 2 masks for the 3 BN layers of this VGG"):
         plan_cut(model, variables["params"], [np.ones(8, bool), np.ones(16, bool)])
     with pytest.raises(ValueError, match="the mask for BN layer bn1 has 15 channels"):
@@ -165,7 +146,7 @@ def test_masks_of_the_wrong_length_or_family_are_clear_errors():
 def test_exported_ticket_loads_with_no_other_input(tmp_path):
     from eb_jax.ticket.export import load_ticket, save_ticket
 
-    model, variables = _trained_like("resnet_tiny_bottleneck", (16, 16, 3))
+    model, variables = trained_like("resnet_tiny_bottleneck", (16, 16, 3))
     masks = [
         np.random.default_rng(3).random(s.shape[0]) < 0.4
         for s in bn_scales(model, variables["params"])
