@@ -51,6 +51,20 @@ def _run_killed_when(cmd, predicate, timeout=180):
     return False
 
 
+def _main(workdir, data_dir, *flags):
+    """`python -m eb_jax.main` on the test digits with `flags`."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "eb_jax.main",
+        "--workdir",
+        str(workdir),
+        f"--config.data_dir={data_dir}",
+        *flags,
+    ]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
 def _entries(workdir):
     directory = os.path.join(workdir, "checkpoints")
     return os.listdir(directory) if os.path.isdir(directory) else []
@@ -136,13 +150,9 @@ def test_resuming_past_a_damaged_checkpoint_prints_only_eb_jax_s_line(tmp_path, 
     """orbax's abandoned reads of the damaged step used to print tracebacks to stderr."""
     pipeline.run(_config(data_dir, num_epochs=1), str(tmp_path))
     _damage(tmp_path, 11, "truncated")
-    cmd = [
-        sys.executable,
-        "-m",
-        "eb_jax.main",
-        "--workdir",
-        str(tmp_path),
-        f"--config.data_dir={data_dir}",
+    result = _main(
+        tmp_path,
+        data_dir,
         "--config.model=vgg_tiny",
         "--config.batch_size=128",
         "--config.eval_batch_size=120",
@@ -151,8 +161,7 @@ def test_resuming_past_a_damaged_checkpoint_prints_only_eb_jax_s_line(tmp_path, 
         "--config.log_every_steps=0",
         "--config.checkpoint_every_steps=4",
         "--config.async_checkpoints=False",
-    ]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("checkpoint step 11 is damaged") == 1
     assert result.stderr == ""
@@ -161,19 +170,14 @@ def test_resuming_past_a_damaged_checkpoint_prints_only_eb_jax_s_line(tmp_path, 
 @pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, data_dir):
     # lr x1e12 from epoch 1 on: the loss blows up after the epoch-0 checkpoint (step 22).
-    cmd = [
-        sys.executable,
-        "-m",
-        "eb_jax.main",
-        "--workdir",
-        str(tmp_path),
-        f"--config.data_dir={data_dir}",
+    result = _main(
+        tmp_path,
+        data_dir,
         "--config.lr_boundaries=(1,)",
         "--config.lr_decay=1e12",
         "--config.method=dense",
         "--config.checkpoint_every_steps=0",
-    ]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    )
     assert result.returncode == 2
     errors = result.stderr.strip().splitlines()
     assert len(errors) == 1 and "the training loss became" in errors[0], result.stderr[-2000:]
@@ -184,17 +188,12 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
 @pytest.mark.slow
 def test_config_that_does_not_match_the_checkpoint_is_a_clear_error(tmp_path, data_dir):
     pipeline.run(_config(data_dir, num_epochs=1), str(tmp_path))
-    cmd = [
-        sys.executable,
-        "-m",
-        "eb_jax.main",
-        "--workdir",
-        str(tmp_path),
-        f"--config.data_dir={data_dir}",
+    result = _main(
+        tmp_path,
+        data_dir,
         "--config.model=vgg_tiny",
         "--config.batch_size=64",
-    ]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    )
     assert result.returncode == 2
     errors = result.stderr.strip().splitlines()
     assert len(errors) == 1
