@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -187,9 +188,11 @@ def _restore_stderr(saved: int, grace_s: float) -> None:
     restore abandoned may finish and be collected (their tracebacks go nowhere)."""
     try:
         if grace_s:
-            gc.collect()
-            time.sleep(grace_s)
-            gc.collect()
+            with warnings.catch_warnings():  # "coroutine ... was never awaited": the same
+                warnings.simplefilter("ignore", RuntimeWarning)
+                gc.collect()
+                time.sleep(grace_s)
+                gc.collect()
         sys.stderr.flush()
     finally:
         os.dup2(saved, 2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import os
 
+from eb_jax.report import flops_unit
 from eb_jax.runlog import write_json
 
 FIELDS = (
@@ -159,24 +160,20 @@ def _figure(name: str, cells: list[dict], path: str) -> str:
     fig = Figure(figsize=(5.5, 3.8))
     ax = fig.subplots()
     key = "training_pflops" if name == "fig5" else "test_accuracy"
-    scale = 1 if name == "fig5" else 100
-    points = [c for c in cells if c["x"] is not None]
+    scale, unit = flops_unit(max(c[key] for c in cells)) if name == "fig5" else (100, "%")
+    points, colors = [c for c in cells if c["x"] is not None], {}
     for ratio in _ratios(points):
         line = sorted((c["x"], scale * c[key]) for c in points if c["ratio"] == ratio)
-        ax.plot(*zip(*line, strict=True), marker="o", label=f"EB Train, p = {ratio:g}")
+        drawn = ax.plot(*zip(*line, strict=True), marker="o", label=f"EB Train, p = {ratio:g}")
+        colors[ratio] = drawn[0].get_color()
     for c in cells:
         if c["x"] is None:  # a reference: the unpruned run, or network slimming per ratio
             label = c["row"] if c["ratio"] is None else f"{c['row']}, p = {c['ratio']:g}"
-            ax.axhline(
-                scale * c[key],
-                ls="--",
-                lw=1,
-                color="k" if c["ratio"] is None else None,
-                label=label,
-            )
+            color = colors.get(c["ratio"], "k")
+            ax.axhline(scale * c[key], ls="--", lw=1, color=color, label=label)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("epoch the ticket is drawn after")
-    ax.set_ylabel("total training PFLOPs" if name == "fig5" else "retrain test accuracy (%)")
+    ax.set_ylabel(f"total training {unit}" if name == "fig5" else "retrain test accuracy (%)")
     title = {"fig1": "Fig. 1", "fig2": "Fig. 2 (8-bit search)", "fig5": "Fig. 5"}[name]
     ax.set_title(title)
     ax.legend(fontsize=8)

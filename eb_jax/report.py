@@ -180,7 +180,7 @@ def cost_figure(records: list[dict]):
         names.MASKED: "tab:green",
         names.SOFT: "tab:purple",
     }
-    scale, unit = _flops_unit(max(max(r["training_pflops"], dense_run_pflops(r)) for r in records))
+    scale, unit = flops_unit(max(max(r["training_pflops"], dense_run_pflops(r)) for r in records))
     fig = Figure(figsize=(1.6 + 1.5 * len(records), 3.8))
     ax = fig.subplots()
     labels = [
@@ -222,7 +222,7 @@ def cost_figure(records: list[dict]):
     return fig
 
 
-def _flops_unit(pflops: float) -> tuple[float, str]:
+def flops_unit(pflops: float) -> tuple[float, str]:
     """(factor from PFLOPs, unit name) so that `pflops` reads between 1 and 1000."""
     for factor, unit in ((1, "PFLOPs"), (1e3, "TFLOPs"), (1e6, "GFLOPs"), (1e9, "MFLOPs")):
         if pflops * factor >= 1:

@@ -45,7 +45,7 @@ def test_cost_chart_picks_a_readable_unit_and_draws_the_dense_reference():
     "pflops, unit", [(30.3, "PFLOPs"), (0.5, "TFLOPs"), (1.75e-4, "GFLOPs"), (3e-9, "MFLOPs")]
 )
 def test_flops_unit(pflops, unit):
-    factor, name = report._flops_unit(pflops)
+    factor, name = report.flops_unit(pflops)
     assert name == unit and 1 <= pflops * factor < 1000
 
 
