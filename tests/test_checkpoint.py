@@ -23,7 +23,8 @@ from eb_jax.trainer import Clock, RunContext, StagePlan, Trainer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _command(workdir, data_dir, *extra):
+def _cli(workdir, data_dir, *flags):
+    """The `python -m eb_jax.main` command on the test digits with `flags`."""
     return [
         sys.executable,
         "-m",
@@ -31,10 +32,14 @@ def _command(workdir, data_dir, *extra):
         "--workdir",
         str(workdir),
         f"--config.data_dir={data_dir}",
-        "--config.num_epochs=4",
-        "--config.checkpoint_every_steps=5",
-        *extra,
+        *flags,
     ]
+
+
+def _command(workdir, data_dir, *extra):
+    return _cli(
+        workdir, data_dir, "--config.num_epochs=4", "--config.checkpoint_every_steps=5", *extra
+    )
 
 
 def _run_killed_when(cmd, predicate, timeout=180):
@@ -52,17 +57,10 @@ def _run_killed_when(cmd, predicate, timeout=180):
 
 
 def _main(workdir, data_dir, *flags):
-    """`python -m eb_jax.main` on the test digits with `flags`."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "eb_jax.main",
-        "--workdir",
-        str(workdir),
-        f"--config.data_dir={data_dir}",
-        *flags,
-    ]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    """Runs `_cli(...)` to its end."""
+    return subprocess.run(
+        _cli(workdir, data_dir, *flags), cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def _entries(workdir):

@@ -40,8 +40,15 @@ def test_dry_run_lists_table2_with_the_cost_models_flops():
 
 
 def test_dry_run_command_lists_table3_on_resnet50_without_data():
-    cmd = [sys.executable, "-m", "eb_jax.experiments", "table3", "--config",
-           "configs/resnet50_imagenet.py", "--dry-run"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "eb_jax.experiments",
+        "table3",
+        "--config",
+        "configs/resnet50_imagenet.py",
+        "--dry-run",
+    ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
@@ -66,9 +73,19 @@ def test_a_bad_experiment_name_is_a_one_line_error():
 
 
 def _tiny(data_dir, **overrides):
-    return load_config("quickstart", model="vgg_tiny", num_epochs=2, lr_boundaries=(1,),
-                       batch_size=128, eval_batch_size=120, eb_window=2, eb_eps=0.5,
-                       data_dir=data_dir, grid_ticket_epochs=(1,), **overrides)  # fmt: skip
+    return load_config(
+        "quickstart",
+        model="vgg_tiny",
+        num_epochs=2,
+        lr_boundaries=(1,),
+        batch_size=128,
+        eval_batch_size=120,
+        eb_window=2,
+        eb_eps=0.5,
+        data_dir=data_dir,
+        grid_ticket_epochs=(1,),
+        **overrides,
+    )
 
 
 @pytest.mark.slow
