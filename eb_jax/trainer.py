@@ -157,7 +157,8 @@ class Trainer:
         first = self.step - epoch * spe
         if not 0 <= first < spe:
             raise ValueError(f"at step {self.step}, epoch {epoch} is not the current one")
-        epoch_start, entry_j = time.perf_counter(), energy_now(self)
+        entry_j = energy_now(self)  # then the clock: both measure the same stretch
+        epoch_start = time.perf_counter()
         if first == 0:
             self.sums, self.marks["epoch_j"] = None, entry_j
         for batch in _loader(self.run, "train", epoch, first):
@@ -176,7 +177,7 @@ class Trainer:
         if self.plan.swa_start and epoch - self.plan.lr_origin // spe >= self.plan.swa_start:
             self.swa.add(self.state.params)
         metrics = self._epoch_metrics(epoch, first, train_time)
-        metrics.update(_epoch_energy(self, entry_j, time.perf_counter() - epoch_start))
+        metrics.update(_epoch_energy(self, entry_j, epoch_start))
         self.run.writer.write_scalars(self.step, metrics)
         self.last_metrics = metrics
         self.save()
@@ -345,11 +346,13 @@ def energy_now(trainer: Trainer) -> float | None:
     return parallel.sum_over_processes(trainer.run.energy.joules())
 
 
-def _epoch_energy(trainer: Trainer, entry_j: float | None, seconds: float) -> dict:
+def _epoch_energy(trainer: Trainer, entry_j: float | None, entry_t: float) -> dict:
     """The epoch's joules (from its first step; a resumed epoch's earlier part included)
-    and the average watts of this process's part of it; {} without a meter."""
+    and the average watts of this process's part of it (since `entry_j` at `entry_t`);
+    {} without a meter."""
     now = energy_now(trainer)
-    if now is None:
+    seconds = time.perf_counter() - entry_t
+    if now is None or trainer.marks["epoch_j"] is None:
         return {}
     return {
         "energy/epoch_joules": now - trainer.marks["epoch_j"],
