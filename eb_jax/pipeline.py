@@ -46,13 +46,14 @@ def run(config, workdir: str) -> dict:
         raise ConfigError(f"--workdir {workdir} is a file, not a directory; name a directory")
     steps = methods.method_steps(config)
     data = data_lib.open_dataset(config.dataset, config.data_dir or None)
-    steps_lib.build_model(
-        config, data.num_classes
-    )  # an unknown model fails before the workdir is touched
+    # An unknown model fails before the workdir is touched.
+    dense_model = steps_lib.build_model(config, data.num_classes)
     checkpointer = Checkpointer(workdir, config.checkpoints_to_keep, config.async_checkpoints)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     try:
-        ctx, index, net = _start_or_resume(config, steps, data, checkpointer, writer, workdir)
+        ctx, index, net = _start_or_resume(
+            config, steps, data, dense_model, checkpointer, writer, workdir
+        )
         for step in steps[index:]:
             if isinstance(step, Stage):
                 net = steps_lib.train_stage(ctx, steps, step, net)
@@ -171,7 +172,7 @@ def _new_search(config, steps, model, input_shape) -> TicketSearch | None:
     return TicketSearch(config.monitor_ratios, config.prune_ratio, detector, sizes)
 
 
-def _start_or_resume(config, steps, data, checkpointer, writer, workdir):
+def _start_or_resume(config, steps, data, dense_model, checkpointer, writer, workdir):
     """(RunContext, index of the step to run next, Network) fresh or from the newest
     readable checkpoint; the model is rebuilt from its recorded widths first."""
     steps_per_epoch = data_lib.input_pipeline.steps_per_epoch(data, config.batch_size)
@@ -180,28 +181,27 @@ def _start_or_resume(config, steps, data, checkpointer, writer, workdir):
             f"batch_size={config.batch_size} exceeds the {len(data.train)} training examples"
         )
     shape = data.spec.image_shape
-    search = _new_search(config, steps, steps_lib.build_model(config, data.num_classes), shape)
+    search = _new_search(config, steps, dense_model, shape)
     ctx = RunContext(config, data, workdir, checkpointer, writer, Clock(), search)
-    ctx.energy = EnergyClock(*energy.open_meter())
-    if ctx.energy.meter is None:
-        logger.info("energy: not measured (%s)", ctx.energy.why_not)
+    meter, why_not = energy.open_meter()
+    if meter is None:
+        logger.info("energy: not measured (%s)", why_not)
     else:
-        logger.info("energy: measured by %s", ctx.energy.meter.name)
+        logger.info("energy: measured by %s", meter.name)
     built = {}
     restored = checkpointer.restore(lambda meta: _restore_target(ctx, steps, meta, built))
     if restored is None:
-        model = steps_lib.build_model(config, data.num_classes)
-        variables = train.init_variables(model, jax.random.key(config.seed), shape)
-        _save_init_for_rewind(ctx, steps, model, variables)
+        variables = train.init_variables(dense_model, jax.random.key(config.seed), shape)
+        _save_init_for_rewind(ctx, steps, dense_model, variables)
         ctx.clock = Clock()  # the wall time counts from here: training, not start-up
-        ctx.energy = EnergyClock(ctx.energy.meter, ctx.energy.why_not)  # and the energy
-        return ctx, 0, steps_lib.Network(model, variables)
+        ctx.energy = EnergyClock(meter, why_not)  # and the energy
+        return ctx, 0, steps_lib.Network(dense_model, variables)
     step, arrays, meta = restored
     state = flax.serialization.from_state_dict(built["state"], arrays["train"])
     if search is not None and meta.get("search"):
         search.load_state_dict(arrays["search"], meta["search"])
     ctx.clock = Clock(meta["wall_time_s"], meta["compile_time_s"])
-    ctx.energy = _resumed_energy(ctx.energy, meta, workdir)
+    ctx.energy = _resumed_energy(meter, why_not, meta, workdir)
     ctx.record = {"history": meta["history"], "pruned": meta["pruned"]}
     logger.info(
         "resuming the run in %s from its checkpoint at step %d (epoch %d, stage %s)",
@@ -224,7 +224,7 @@ def _start_or_resume(config, steps, data, checkpointer, writer, workdir):
     return ctx, steps.index(built["stage"]), net
 
 
-def _resumed_energy(clock: EnergyClock, meta: dict, workdir: str) -> EnergyClock:
+def _resumed_energy(meter, why_not: str, meta: dict, workdir: str) -> EnergyClock:
     """The energy clock of a resumed run: the checkpoint's total goes on (counted by
     process 0, as every process's own meter is summed), and what the killed process drew
     after that checkpoint (energy.json, newer) is wasted."""
@@ -237,7 +237,7 @@ def _resumed_energy(clock: EnergyClock, meta: dict, workdir: str) -> EnergyClock
         if last["step"] >= meta["step"] and last["energy_j"] is not None:
             wasted += max(0.0, last["energy_j"] - saved)
     first = jax.process_index() == 0
-    return EnergyClock(clock.meter, clock.why_not, saved if first else 0.0, wasted)
+    return EnergyClock(meter, why_not, saved if first else 0.0, wasted)
 
 
 def _restore_target(ctx: RunContext, steps, meta: dict, built: dict) -> dict:

@@ -245,7 +245,7 @@ def prune(ctx: RunContext, steps, step: Prune, net: Network) -> Network:
     _log_prune(ctx, step, variables, pruned, weight_mask)
     after = Network(narrow, pruned, net.step, weight_mask)
     if methods.final_stage(steps) is None:  # the method ends with this cut: evaluate it
-        after.trainer = _evaluator(ctx, steps, after)
+        after.trainer = _evaluator(ctx, after)
     return after
 
 
@@ -324,7 +324,7 @@ def _log_prune(ctx, prune: Prune, before: dict, after: dict, weight_mask) -> Non
         )
 
 
-def _evaluator(ctx: RunContext, steps, net: Network) -> Trainer:
+def _evaluator(ctx: RunContext, net: Network) -> Trainer:
     """A Trainer that only evaluates `net` (a method that ends with a cut); the cut
     network is exported to WORKDIR/pruned."""
     spe = ctx.steps_per_epoch

@@ -105,3 +105,26 @@ def checkpoint_arrays(workdir, step: int | None = None):
     if step is None:
         step = max(int(name) for name in os.listdir(checkpoints) if name.isdigit())
     return step, ocp.StandardCheckpointer().restore(os.path.join(checkpoints, str(step), "arrays"))
+
+
+def run_through_kills(config, workdir, kills: int) -> dict:
+    """Runs `config` in `workdir` again after each of `kills` interruptions (armed with
+    `interrupt_after`) until it finishes; returns its report."""
+    from eb_jax import pipeline
+
+    for _ in range(kills):
+        with pytest.raises(Interrupted):
+            pipeline.run(config, str(workdir))
+    return pipeline.run(config, str(workdir))
+
+
+def assert_same_run(record, workdir, expected, expected_dir) -> None:
+    """Two runs ended the same: accuracy, stages and newest checkpoint, bit for bit."""
+    import jax
+    import numpy as np
+
+    assert record["test_accuracy"] == expected["test_accuracy"]
+    assert record["stages"] == expected["stages"]
+    got, want = checkpoint_arrays(workdir)[1], checkpoint_arrays(expected_dir)[1]
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -7,7 +7,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import Interrupted, checkpoint_arrays, tiny_config
+from conftest import assert_same_run, checkpoint_arrays, run_through_kills, tiny_config
 
 from eb_jax import pipeline, report
 from eb_jax.checkpoint import load_model
@@ -134,13 +134,6 @@ def test_a_run_killed_in_each_stage_ends_bit_identical(
 ):
     config = _config(data_dir, **VARIANTS[name])
     interrupt_after(list(STOPS[name]))
-    for _ in STOPS[name]:
-        with pytest.raises(Interrupted):
-            pipeline.run(config, str(tmp_path))
-    record = pipeline.run(config, str(tmp_path))
+    record = run_through_kills(config, tmp_path, len(STOPS[name]))
     expected_dir, expected = runs[name]
-    assert record["test_accuracy"] == expected["test_accuracy"]
-    assert record["stages"] == expected["stages"]
-    got, want = checkpoint_arrays(tmp_path)[1], checkpoint_arrays(expected_dir)[1]
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_array_equal(a, b)
+    assert_same_run(record, tmp_path, expected, expected_dir)

@@ -2,10 +2,9 @@
 
 import json
 
-import jax
 import numpy as np
 import pytest
-from conftest import Interrupted, checkpoint_arrays, tiny_config
+from conftest import assert_same_run, run_through_kills, tiny_config
 
 from eb_jax import pipeline, report
 from eb_jax.checkpoint import load_model
@@ -106,16 +105,9 @@ def test_a_run_interrupted_in_each_stage_ends_bit_identical(
     config = _config(data_dir, method=method)
     stops = [1] if method == "dense" else [1, EPOCHS + 1]  # epochs after which to stop
     interrupt_after(list(stops))
-    for _ in range(len(stops)):
-        with pytest.raises(Interrupted):
-            pipeline.run(config, str(tmp_path))
-    record = pipeline.run(config, str(tmp_path))
+    record = run_through_kills(config, tmp_path, len(stops))
     expected_dir, expected = runs[method]
-    assert record["test_accuracy"] == expected["test_accuracy"]
-    assert record["stages"] == expected["stages"]
-    got, want = checkpoint_arrays(tmp_path)[1], checkpoint_arrays(expected_dir)[1]
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_array_equal(a, b)
+    assert_same_run(record, tmp_path, expected, expected_dir)
 
 
 def test_report_compares_runs_in_one_table_and_a_chart(runs, tmp_path, capsys):

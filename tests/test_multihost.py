@@ -41,18 +41,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spawn(args, device_flags: str):
+    """A Python process with its own forced CPU devices, its output collected."""
+    env = dict(os.environ, XLA_FLAGS=device_flags)
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def _start(workdir, data_dir, port):
     """Both processes of one run, each with one CPU device."""
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=1 "
-        "--xla_cpu_collective_call_terminate_timeout_seconds=30",
-    )
+    devices = "--xla_force_host_platform_device_count=1 "
+    devices += "--xla_cpu_collective_call_terminate_timeout_seconds=30"
     flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
     return [
-        subprocess.Popen(
+        _spawn(
             [
-                sys.executable,
                 "-m",
                 "eb_jax.main",
                 "--workdir",
@@ -63,11 +72,7 @@ def _start(workdir, data_dir, port):
                 "--config.distributed.num_processes=2",
                 f"--config.distributed.process_id={i}",
             ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+            devices,
         )
         for i in range(2)
     ]
@@ -134,17 +139,7 @@ print("sum", parallel.sum_over_processes(1.5 + int(sys.argv[2])))
 def test_each_process_measures_its_own_devices_and_the_sum_is_reported():
     """Energy: every process reads its own meter; the run reports the sum (1.5 + 2.5)."""
     address = f"127.0.0.1:{_free_port()}"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", SUM_SCRIPT, address, str(i)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    devices = "--xla_force_host_platform_device_count=1"
+    procs = [_spawn(["-c", SUM_SCRIPT, address, str(i)], devices) for i in range(2)]
     outputs = _finish(procs, timeout=120)
     assert all("sum 4.0" in out for out in outputs), outputs
