@@ -7,8 +7,6 @@
 ticket retrains. Needs imagenet2012 prepared in DIR (see the README).
 """
 
-import os
-
 from eb_jax.config import default_config
 
 
@@ -18,9 +16,5 @@ def get_config():
     config.dataset = "imagenet2012"
     config.num_epochs = 90
     config.lr_boundaries = (30, 60)
-    # JPEG decoding and augmentation in worker processes: ~110 images/s each on one core
-    # (benchmarks/input_pipeline.py); a ResNet-50 step on one H200 takes ~3 600 images/s.
-    config.num_data_workers = min(32, os.cpu_count() or 1)
-    config.num_data_threads = 4
     config.sparsity_stages = ("search", "retrain")  # the original keeps it (main_c.py -sr)
     return config

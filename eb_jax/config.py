@@ -121,8 +121,10 @@ def _runtime_fields(c: ml_collections.ConfigDict) -> None:
     c.checkpoint_every_steps = 1000  # plus one at every epoch end; 0: epoch ends only
     c.checkpoints_to_keep = 3
     c.async_checkpoints = True
-    c.num_data_threads = 4  # threads reading examples (per-example datasets: ImageNet)
-    c.num_data_workers = 0  # processes decoding + augmenting them; 0: in the threads
+    c.num_data_threads = 4  # threads preparing batches (in each worker process, if any)
+    # Processes decoding + augmenting per-example datasets (ImageNet); -1: one per core
+    # this process may use, less one for the training loop; 0: in the threads.
+    c.num_data_workers = -1
 
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -180,6 +182,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ConfigError(f"learning_rate={config.learning_rate} must be positive")
     if config.sparsity < 0 or config.weight_decay < 0:
         raise ConfigError("sparsity and weight_decay must be >= 0")
+    if config.num_data_workers < -1 or config.num_data_threads < 1:
+        raise ConfigError(
+            "num_data_workers must be -1 (one per core), 0 (none) or a count, and "
+            "num_data_threads >= 1"
+        )
     if config.checkpoints_to_keep < 1 or config.checkpoint_every_steps < 0:
         raise ConfigError("checkpoints_to_keep must be >= 1 and checkpoint_every_steps >= 0")
     _check_method(config)

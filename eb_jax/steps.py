@@ -73,7 +73,7 @@ def fresh_state(ctx: RunContext, plan: StagePlan, model, variables) -> train.Tra
         plan.lr_origin,
     )
     state = train.TrainState.create(
-        apply_fn=model.apply,
+        apply_fn=data_lib.normalizing(model.apply, ctx.data.spec),
         params=variables["params"],
         batch_stats=variables.get("batch_stats", {}),
         tx=tx,
@@ -272,16 +272,19 @@ def _criterion(ctx: RunContext, criterion: str, model, variables: dict):
 
 
 def _sample_batches(ctx: RunContext, batch_size: int):
-    """The first epoch's training batches of `batch_size`, the same on every process."""
+    """The first epoch's training batches of `batch_size`, the same on every process,
+    with the images as the model takes them."""
     config = ctx.config
     if len(ctx.data.train) < batch_size:
         raise ConfigError(
             f"a batch of {batch_size} exceeds the {len(ctx.data.train)} "
             "training examples; lower thinet_images / batch_size"
         )
-    return data_lib.train_batches(
+    batches = data_lib.train_batches(
         ctx.data, batch_size, config.seed, 0, 0, 0, 1, num_threads=config.num_data_threads
     )
+    mean, std = ctx.data.spec.mean, ctx.data.spec.std
+    return ({**b, "image": data_lib.model_input(b["image"], mean, std)} for b in batches)
 
 
 def _cut(config, model, masks, variables):

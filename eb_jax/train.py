@@ -112,11 +112,12 @@ def init_variables(model, rng, input_shape) -> dict:
         return jax.jit(model.init)(rng, jnp.zeros((1, *input_shape), jnp.float32))
 
 
-def create_train_state(model, rng, input_shape, tx) -> TrainState:
-    """Initialises the model on a dummy batch of `input_shape` (H, W, C)."""
+def create_train_state(model, rng, input_shape, tx, apply_fn=None) -> TrainState:
+    """Initialises the model on a dummy batch of `input_shape` (H, W, C); `apply_fn`
+    (default `model.apply`) is how the steps call it (data.normalizing: uint8 batches)."""
     variables = init_variables(model, rng, input_shape)
     return TrainState.create(
-        apply_fn=model.apply,
+        apply_fn=apply_fn or model.apply,
         params=variables["params"],
         batch_stats=variables.get("batch_stats", {}),
         tx=tx,

@@ -415,7 +415,7 @@ def _batch_spec(size: int, shape, with_mask: bool) -> dict:
     """The abstract per-device batch of a global `size` (ahead-of-time compilation)."""
     n, per_device = jax.local_device_count(), size // jax.device_count()
     spec = {
-        "image": jax.ShapeDtypeStruct((n, per_device, *shape), np.float32),
+        "image": jax.ShapeDtypeStruct((n, per_device, *shape), np.uint8),
         "label": jax.ShapeDtypeStruct((n, per_device), np.int32),
     }
     if with_mask:

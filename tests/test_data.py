@@ -1,14 +1,19 @@
 """Input pipelines: the offline digits, determinism, eval coverage, augmentation."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from eb_jax.data import (
+    DATASETS,
     DataError,
     eval_batches,
     in_memory,
     input_pipeline,
+    model_input,
+    normalizing,
     open_dataset,
     train_batches,
 )
@@ -27,15 +32,16 @@ def test_digits_split_is_deterministic_and_complete(digits):
     assert image.shape == (8, 8, 1) and image.dtype == np.uint8 and image.max() > 200
 
 
-def test_train_batches_are_normalised_and_reproducible(digits):
+def test_train_batches_are_uint8_normalised_on_device_and_reproducible(digits):
     a = list(train_batches(digits, 64, seed=3, epoch=1))
     b = list(train_batches(digits, 64, seed=3, epoch=1))
     assert len(a) == input_pipeline.steps_per_epoch(digits, 64) == 1437 // 64
-    assert a[0]["image"].shape == (64, 8, 8, 1) and a[0]["image"].dtype == np.float32
+    assert a[0]["image"].shape == (64, 8, 8, 1) and a[0]["image"].dtype == np.uint8
     assert a[0]["label"].dtype == np.int32
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x["image"], y["image"])
-    images = np.concatenate([x["image"] for x in a])
+    spec = digits.spec
+    images = np.concatenate([model_input(x["image"], spec.mean, spec.std) for x in a])
     assert abs(images.mean()) < 0.05 and abs(images.std() - 1) < 0.05
     other_epoch = next(train_batches(digits, 64, seed=3, epoch=2))
     assert not np.array_equal(other_epoch["label"], a[0]["label"])
@@ -72,6 +78,36 @@ def test_eval_sees_every_example_once_with_padding(digits):
     assert sum(int(b["mask"].sum()) for s in shards for b in s) == 360
 
 
+def test_normalising_on_the_device_in_a_jitted_step_equals_the_host_formula():
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+    images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), np.uint8)
+    host = (images.astype(np.float32) / 255 - np.float32(mean)) / np.float32(std)
+
+    @jax.jit
+    def step(images, weight):  # normalising fused into a step, as in the train step
+        x = model_input(images, mean, std)
+        return x, jnp.sum(x * weight)
+
+    on_device, _ = step(images, 2.0)
+    assert on_device.dtype == jnp.float32
+    np.testing.assert_allclose(on_device, host, rtol=0, atol=1e-6)
+    floats = np.zeros((2, 4, 4, 3), np.float32)  # already the model's input: untouched
+    assert model_input(floats, mean, std) is floats
+
+
+def _identity_model(variables, images, train):
+    return images
+
+
+def test_a_normalising_apply_feeds_the_model_floats_and_keeps_jit_caches_shared():
+    spec = DATASETS["digits"]
+    apply = normalizing(_identity_model, spec)
+    assert apply == normalizing(_identity_model, spec)  # same static field: no recompiling
+    assert hash(apply) == hash(normalizing(_identity_model, spec))
+    white = apply({}, np.full((1, 8, 8, 1), 255, np.uint8), train=False)
+    np.testing.assert_allclose(white, (1 - spec.mean[0]) / spec.std[0], rtol=1e-6)
+
+
 def test_cifar_pipeline_on_mock_data():
     with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
         data = open_dataset("cifar10")
@@ -94,13 +130,6 @@ def test_cifar_augment_pads_with_zeros_crops_and_flips():
     crops = [padded[t : t + 32, x : x + 32] for t in range(9) for x in range(9)]
     windows = {c.tobytes() for c in crops} | {c[:, ::-1].tobytes() for c in crops}
     assert all(o.tobytes() in windows for o in flipped)
-
-
-def test_imagenet_crops_have_the_model_size():
-    image = np.random.default_rng(0).integers(0, 255, (300, 200, 3), np.uint8)
-    rng = np.random.default_rng(0)
-    assert input_pipeline._random_resized_crop(image, rng, 224).shape == (224, 224, 3)
-    assert input_pipeline._resize_center_crop(image, 256, 224).shape == (224, 224, 3)
 
 
 def test_unknown_or_unprepared_dataset_is_a_clear_error(tmp_path):

@@ -5,8 +5,19 @@ from eb_jax.data.input_pipeline import (
     DataError,
     Dataset,
     eval_batches,
+    model_input,
+    normalizing,
     open_dataset,
     train_batches,
 )
 
-__all__ = ["DATASETS", "DataError", "Dataset", "eval_batches", "open_dataset", "train_batches"]
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "Dataset",
+    "eval_batches",
+    "model_input",
+    "normalizing",
+    "open_dataset",
+    "train_batches",
+]

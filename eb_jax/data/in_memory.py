@@ -3,10 +3,11 @@
 Reading every example through the data source and a per-example transform costs more
 than a small network's train step (the quickstart: 0.4 ms per 8x8 digit, 30x the step's
 share). Here the decoded uint8 images are read once into one array; a batch is a fancy
-index into it, augmented and normalised for the whole batch at once. The order is a
-seeded permutation per epoch and the augmentation draws from a generator seeded by
-(seed, epoch, step), so resuming at any step replays the same batches, and batches can
-be prepared in parallel threads. Which examples a step holds is input_pipeline's choice.
+index into it, augmented for the whole batch at once, and normalised later on the device
+(input_pipeline.model_input). The order is a seeded permutation per epoch and the
+augmentation draws from a generator seeded by (seed, epoch, step), so resuming at any
+step replays the same batches, and batches can be prepared in parallel threads. Which
+examples a step holds is input_pipeline's choice.
 """
 
 from __future__ import annotations
@@ -40,11 +41,6 @@ class ArraySource:
         return {"image": self.images[i], "label": self.labels[i]}
 
 
-def normalize(images: np.ndarray, mean, std) -> np.ndarray:
-    images = images.astype(np.float32) / 255.0
-    return (images - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-
-
 def cifar_augment_batch(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Per image: zero-pad 4 (on the uint8 image), random crop to the original size,
     random horizontal flip (docs/method.md, search protocol)."""
@@ -76,7 +72,7 @@ def train_batches(
         images = source.images[indices]
         if spec.augment == "cifar":
             images = cifar_augment_batch(images, np.random.default_rng([epoch_seed, step]))
-        return {"image": normalize(images, spec.mean, spec.std), "label": source.labels[indices]}
+        return {"image": images, "label": source.labels[indices]}
 
     with concurrent.futures.ThreadPoolExecutor(max(num_threads, 1)) as pool:
         ahead = collections.deque()
@@ -90,7 +86,6 @@ def train_batches(
 
 def eval_batches(
     source: ArraySource,
-    spec,
     local_batch: int,
     n_steps: int,
     process_index: int,
@@ -100,7 +95,4 @@ def eval_batches(
     mine = np.arange(process_index, len(source), process_count)
     for step in range(n_steps):
         indices = mine[step * local_batch : (step + 1) * local_batch]
-        yield {
-            "image": normalize(source.images[indices], spec.mean, spec.std),
-            "label": source.labels[indices],
-        }
+        yield {"image": source.images[indices], "label": source.labels[indices]}

@@ -4,17 +4,27 @@ Every dataset, the offline digits included, is a prepared TFDS dataset in `data_
 opened with `tfds.data_source` (random access, no TensorFlow). A training epoch is a
 grain `MapDataset` indexed by step, so resuming at step k of epoch e replays exactly the
 same batches. Small datasets (digits, CIFAR) are read into memory once and batched with
-numpy instead (in_memory.py). Batches are dicts of numpy arrays: 'image' float32 NHWC, normalised;
-'label' int32; eval batches add 'mask' (False on padding).
+numpy instead (in_memory.py). Batches are dicts of numpy arrays: 'image' uint8 NHWC (a
+quarter of float32's bytes to move; `model_input` normalises them on the device, inside
+the jitted step); 'label' int32; eval batches add 'mask' (False on padding).
+
+ImageNet's JPEGs stay encoded until the transform: the random-resized-crop box is drawn
+from the size in the JPEG header, the JPEG is decoded at a reduced scale in the DCT
+domain when the crop allows it, and crop and resize are one Pillow call.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import io
 import math
+import os
+from collections.abc import Callable
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
@@ -22,7 +32,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from eb_jax.data import digits, in_memory
+from eb_jax.data import digits, imagenet_like, in_memory
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -86,7 +96,20 @@ DATASETS = {
         train_examples=1_281_167,
         num_classes=1000,
     ),
+    # Made here (imagenet_like.py): the ImageNet input path offline, for tests and benchmarks.
+    "imagenet_like": DatasetSpec(
+        imagenet_like.NAME,
+        "train",
+        "validation",
+        (224, 224, 3),
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "imagenet",
+        train_examples=imagenet_like.TRAIN_EXAMPLES,
+        num_classes=1000,
+    ),
 }
+PREPARED_HERE = {"digits": digits.prepare, "imagenet_like": imagenet_like.prepare}
 
 
 @dataclasses.dataclass
@@ -98,18 +121,22 @@ class Dataset:
 
 
 def open_dataset(name: str, data_dir: str | None = None) -> Dataset:
-    """Opens a prepared dataset (the digits are prepared here on first use)."""
+    """Opens a prepared dataset (digits and imagenet_like are prepared here on first use)."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     spec = DATASETS[name]
-    if name == "digits":  # written by one process; the others wait for it
+    if name in PREPARED_HERE:  # written by one process; the others wait for it
         if jax.process_index() == 0:
-            digits.prepare(data_dir)
+            PREPARED_HERE[name](data_dir)
         if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("eb_jax: digits prepared")
+            multihost_utils.sync_global_devices(f"eb_jax: {name} prepared")
+    # Per-example images stay encoded: the transform decodes only what its crop needs.
+    decoders = None if spec.in_memory else {"image": tfds.decode.SkipDecoding()}
     try:
         train, eval_ = (
-            tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False)
+            tfds.data_source(
+                spec.tfds_name, split=split, data_dir=data_dir, download=False, decoders=decoders
+            )
             for split in (spec.train_split, spec.eval_split)
         )
         num_classes = (
@@ -142,59 +169,128 @@ def _has_tfrecords(data_dir: str | None, name: str) -> bool:
     return any(epath.Path(data_dir, name).glob("*/*.tfrecord*"))
 
 
-def _normalize(image: np.ndarray, spec: DatasetSpec) -> np.ndarray:
-    return in_memory.normalize(image, spec.mean, spec.std)
+def _open(image) -> Image.Image:
+    """An example's image as a PIL image: encoded bytes are opened lazily (the JPEG header
+    gives the size; nothing is decoded yet), a decoded uint8 array is wrapped."""
+    if isinstance(image, (bytes, np.bytes_)):
+        return Image.open(io.BytesIO(image))
+    image = np.asarray(image)
+    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
 
 
-def _random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
-    """torchvision's RandomResizedCrop: scale (0.08, 1), ratio (3/4, 4/3), then resize."""
-    h, w = image.shape[:2]
-    area = h * w
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator) -> tuple:
+    """torchvision's RandomResizedCrop box (left, top, right, bottom): 8-100 % of the
+    area, aspect ratio log-uniform in 3/4-4/3, 10 tries, then the central crop of the
+    whole image with its ratio clamped to that range."""
+    area = width * height
     for _ in range(10):
         target = area * rng.uniform(0.08, 1.0)
         ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
-        if 0 < cw <= w and 0 < ch <= h:
-            top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-            break
-    else:  # fall back to a central crop with the ratio clamped, as torchvision does
-        ratio = min(max(w / h, 3 / 4), 4 / 3)
-        cw, ch = (w, round(w / ratio)) if w / h < 3 / 4 else (round(h * ratio), h)
-        cw, ch = min(cw, w), min(ch, h)
-        top, left = (h - ch) // 2, (w - cw) // 2
-    crop = Image.fromarray(image[top : top + ch, left : left + cw])
-    return np.asarray(crop.resize((size, size), Image.BILINEAR))
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+            return left, top, left + w, top + h
+    if width / height < 3 / 4:
+        w, h = width, round(width / (3 / 4))
+    elif width / height > 4 / 3:
+        w, h = round(height * (4 / 3)), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
 
 
-def _resize_center_crop(image: np.ndarray, resize: int, size: int) -> np.ndarray:
-    """Shorter side to `resize`, then the central size x size crop."""
-    h, w = image.shape[:2]
-    scale = resize / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return image[top : top + size, left : left + size]
+def center_crop_box(width: int, height: int, resize: int, size: int) -> tuple:
+    """The part of the image that torchvision's Resize(resize) + CenterCrop(size) keeps
+    (left, top, right, bottom): the shorter side scaled to `resize` (the longer one
+    truncated), then the central crop at whole pixels of the resized image."""
+    if width <= height:
+        new_w, new_h = resize, int(resize * height / width)
+    else:
+        new_w, new_h = int(resize * width / height), resize
+    left, top = round((new_w - size) / 2), round((new_h - size) / 2)
+    sx, sy = width / new_w, height / new_h
+    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
+
+
+def crop_resize(image: Image.Image, box: tuple, size: int, flip: bool = False) -> np.ndarray:
+    """`box` of `image` resized to size x size in one call (bilinear, antialiased), as
+    uint8 RGB, mirrored left-right if `flip` (by Pillow: a numpy view would make the
+    batching copy strided, measured slower).
+
+    A JPEG not yet decoded is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain
+    (Pillow's `draft`) where the box still spans `size` pixels each way at that scale.
+    """
+    if image.format == "JPEG":  # draft is a no-op once decoded
+        width, height = image.size
+        box_w, box_h = box[2] - box[0], box[3] - box[1]
+        drafted = image.draft(
+            "RGB", (math.ceil(width * size / box_w), math.ceil(height * size / box_h))
+        )
+        if drafted:
+            scale = width / drafted[1][2]
+            box = tuple(b / scale for b in box)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    image = image.resize((size, size), Image.BILINEAR, box=box)
+    return np.asarray(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image)
 
 
 def _train_transform(spec: DatasetSpec):
     def transform(example, rng: np.random.Generator):
-        image = np.asarray(example["image"])
+        image = example["image"]
         if spec.augment == "imagenet":
-            image = _random_resized_crop(image, rng, spec.image_shape[0])
-            image = image[:, ::-1] if rng.random() < 0.5 else image
-        return {"image": _normalize(image, spec), "label": np.int32(example["label"])}
+            image, size = _open(image), spec.image_shape[0]
+            box = random_resized_crop_box(*image.size, rng)
+            image = crop_resize(image, box, size, flip=rng.random() < 0.5)
+        return {"image": _as_uint8(image, spec), "label": np.int32(example["label"])}
 
     return transform
 
 
 def _eval_transform(spec: DatasetSpec):
     def transform(example):
-        image = np.asarray(example["image"])
+        image = example["image"]
         if spec.augment == "imagenet":
-            image = _resize_center_crop(image, 256, spec.image_shape[0])
-        return {"image": _normalize(image, spec), "label": np.int32(example["label"])}
+            image, size = _open(image), spec.image_shape[0]
+            image = crop_resize(image, center_crop_box(*image.size, 256, size), size)
+        return {"image": _as_uint8(image, spec), "label": np.int32(example["label"])}
 
     return transform
+
+
+def _as_uint8(image, spec: DatasetSpec) -> np.ndarray:
+    """The model's (H, W, C) uint8 image."""
+    return np.asarray(image, np.uint8).reshape(spec.image_shape)
+
+
+def model_input(images, mean, std) -> jax.Array:
+    """A batch's uint8 images as the model's float32 input, (x / 255 - mean) / std,
+    computed where the images are: on the device, inside the jitted step that calls it.
+    Float images are taken as the model's input already."""
+    if images.dtype != jnp.uint8:
+        return images
+    images = jnp.asarray(images).astype(jnp.float32) / 255.0
+    return (images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalizingApply:
+    """A model's `apply` that takes the batches' uint8 images (`model_input` first).
+
+    A TrainState's `apply_fn`: equal instances compare equal, so states of one model
+    share their compiled steps."""
+
+    apply: Callable
+    mean: tuple
+    std: tuple
+
+    def __call__(self, variables, images, *args, **kwargs):
+        return self.apply(variables, model_input(images, self.mean, self.std), *args, **kwargs)
+
+
+def normalizing(apply: Callable, spec: DatasetSpec) -> NormalizingApply:
+    return NormalizingApply(apply, tuple(spec.mean), tuple(spec.std))
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -256,14 +352,68 @@ class _Subset:
 
 
 def _iterate(ds: grain.MapDataset, num_threads: int, num_workers: int):
+    """The batches of `ds`, read by `num_threads` threads, made in `num_workers` worker
+    processes if any (-1: `default_workers()`).
+
+    Worker batches arrive in shared memory; each is copied out and its block unlinked
+    at once, and the workers are stopped (their unread blocks unlinked) after the last
+    batch or when the consumer stops early, so no block outlives the iteration. The last
+    batch ends the iteration: no wait for the workers to report the end.
+    """
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
     batches = ds.to_iter_dataset(options)
-    if num_workers:
-        if not flags.FLAGS.is_parsed():  # grain reads absl flags (parsed when run by main)
-            flags.FLAGS.mark_as_parsed()
-        options = grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2)
-        batches = batches.mp_prefetch(options)
-    return iter(batches)
+    num_workers = default_workers() if num_workers == -1 else num_workers
+    if not num_workers:
+        yield from batches
+        return
+    if not flags.FLAGS.is_parsed():  # grain reads absl flags (parsed when run by main)
+        flags.FLAGS.mark_as_parsed()
+    options = grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2)
+    iterator = iter(batches.mp_prefetch(options, worker_init_fn=_keep_freed_memory))
+    try:
+        for _ in range(len(ds)):
+            yield jax.tree.map(_out_of_shared_memory, next(iterator))
+    finally:
+        iterator.close()
+
+
+def default_workers() -> int:
+    """Worker processes for `num_data_workers=-1`: one per core this process may use,
+    less one for the training loop (at least one)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) - 1)
+
+
+def _keep_freed_memory(worker_index: int, worker_count: int) -> None:
+    """glibc's allocator in a worker: freed image buffers kept for the next image.
+
+    By default every decoded image (over 128 KB) is a fresh mmap whose pages the kernel
+    faults in and zeroes, then unmaps: measured 25 % of a JPEG decode's time. A long-lived
+    process reaches the same state on its own (glibc raises the threshold as big blocks
+    are freed); a fresh worker does not. No-op off glibc.
+    """
+    del worker_index, worker_count
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # blocks under 32 MB from the heap
+    libc.mallopt(m_trim_threshold, 256 << 20)  # and not handed back until 256 MB are free
+    libc.mallopt(m_top_pad, 64 << 20)
+
+
+def _out_of_shared_memory(array):
+    """A plain copy of a batch array; a shared-memory block is unlinked now.
+
+    grain would unlink it from a thread pool when the array is collected, which at exit
+    can come too late ("leaked shared_memory objects")."""
+    if not isinstance(array, grain.multiprocessing.SharedMemoryArray):
+        return array
+    copy = np.array(array)
+    array.shm.unlink()
+    array._unlink_on_del = False  # noqa: SLF001 (only closed when collected: unlinked once)
+    return copy
 
 
 def eval_batches(
@@ -280,7 +430,7 @@ def eval_batches(
     n_steps = math.ceil(math.ceil(len(data.eval) / process_count) / local_batch)
     if isinstance(data.eval, in_memory.ArraySource):
         batches = in_memory.eval_batches(
-            data.eval, data.spec, local_batch, n_steps, process_index, process_count
+            data.eval, local_batch, n_steps, process_index, process_count
         )
         yield from (_pad(batch, local_batch) for batch in batches)
         return
@@ -289,7 +439,7 @@ def eval_batches(
         ds.map(_eval_transform(data.spec)).batch(local_batch), num_threads, num_workers
     )
     empty = {
-        "image": np.zeros((0, *data.spec.image_shape), np.float32),
+        "image": np.zeros((0, *data.spec.image_shape), np.uint8),
         "label": np.zeros((0,), np.int32),
     }
     for _ in range(n_steps):
@@ -298,9 +448,9 @@ def eval_batches(
 
 def _pad(batch, size: int):
     n = batch["label"].shape[0]
-    padded = {
-        k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)])
-        for k, v in batch.items()
-    }
-    padded["mask"] = np.arange(size) < n
-    return padded
+    if n < size:
+        batch = {
+            k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)])
+            for k, v in batch.items()
+        }
+    return {**batch, "mask": np.arange(size) < n}
