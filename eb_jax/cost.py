@@ -70,8 +70,8 @@ def forward_cost(model: nn.Module, input_shape, weight_mask=None) -> Cost:
             counts["macs"] += macs
             counts["nonzero_macs"] += kept(module, out, macs)
             counts["flops"] += 2 * macs + (out.size if module.use_bias else 0)
-        elif isinstance(module, nn.BatchNorm):
-            counts["flops"] += 2 * inputs.size
+        elif isinstance(module, layers.BatchNorm):
+            counts["flops"] += 2 * inputs.size + (out.size if module.relu else 0)  # fused ReLU
         return out
 
     def forward(v, x):

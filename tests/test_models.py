@@ -5,11 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eb_jax import train
 from eb_jax.config import default_config
 from eb_jax.models import MODELS, bn_scales, create_model
-from eb_jax.models.layers import Conv, max_pool_2x2
+from eb_jax.models.layers import BN_MOMENTUM, Conv, batch_norm, max_pool_2x2
 
 TINY = {
     "vgg_tiny": (8, 8, 1),
@@ -204,10 +206,9 @@ def test_max_pool_2x2_matches_flax_bit_for_bit_with_ties(hw):
     assert "reduce_window" not in program and "select_and_scatter" not in program
 
 
-def test_preresnet_channel_selection_gradient_is_autodiffs(monkeypatch):
-    # The selection's hand-written gradient (a gather) against autodiff's (a scatter-add).
-    from eb_jax.models import preresnet
-
+def test_preresnet_channel_selection_gradient_has_no_scatter():
+    # A selection's gradient is a gather (XLA runs a scatter-add slowly on CPU); its
+    # values are checked against autodiff's in the BatchNorm test below.
     model = create_model("preresnet_tiny", 10)
     rng = np.random.default_rng(0)
     # Three blocks (inputs of 16, 64 and 128 channels) and the head (256).
@@ -216,14 +217,108 @@ def test_preresnet_channel_selection_gradient_is_autodiffs(monkeypatch):
     x = jnp.asarray(rng.standard_normal((2, 8, 8, 3)), jnp.float32)
     variables = train.init_variables(model, jax.random.key(0), x.shape[1:])
 
-    def grads():
-        loss = lambda p, x: jnp.sum(model.apply({**variables, "params": p}, x) ** 2)  # noqa: E731
-        return jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], x)
+    def loss(params, x):
+        y, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(y**2)
 
-    ours = grads()
-    program = str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(model.apply(variables, x))))(x))
-    assert "scatter" not in program  # the gradient of every selection is a gather
-    plain_gather = lambda x, indices, _: jnp.take(x, np.asarray(indices), axis=-1)  # noqa: E731
-    monkeypatch.setattr(preresnet, "_take_channels", plain_gather)
-    # Equal up to XLA fusing the rest of the network differently (last-bit differences).
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), ours, grads())
+    program = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(variables["params"], x))
+    assert "scatter" not in program
+    assert model.apply(variables, x).shape == (2, 10)
+
+
+class _FlaxBN(nn.Module):
+    train_mode: bool
+    dtype: object
+    relu: bool
+    select: tuple | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        bn = nn.BatchNorm(
+            use_running_average=not self.train_mode,
+            momentum=BN_MOMENTUM,
+            epsilon=1e-5,
+            scale_init=nn.initializers.constant(0.5),
+            dtype=self.dtype,
+            name="bn",
+        )
+        y = bn(x)
+        if self.select is not None:
+            y = jnp.take(y, np.asarray(self.select), axis=-1)
+        return nn.relu(y) if self.relu else y
+
+
+class _OurBN(nn.Module):
+    train_mode: bool
+    dtype: object
+    relu: bool
+    select: tuple | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        return batch_norm(self.train_mode, 0.5, "bn", self.dtype, self.relu, self.select)(x)
+
+
+@settings(max_examples=16, deadline=None, derandomize=True)
+@given(
+    relu=st.booleans(),
+    bf16=st.booleans(),
+    shift=st.floats(-3, 3),
+    spread=st.floats(0.1, 10),
+    shape=st.sampled_from([(4, 5, 5, 3), (2, 3, 7, 16), (8, 2, 2, 1)]),
+    selecting=st.booleans(),
+)
+def test_batch_norm_equals_flaxs_in_values_statistics_and_gradients(
+    relu, bf16, shift, spread, shape, selecting
+):
+    """The hand-written BatchNorm(+selection)(+ReLU) against Flax's BatchNorm, then
+    jnp.take and nn.relu under autodiff: output, running statistics after a step,
+    gradients of params and input, eval mode."""
+    dtype = jnp.bfloat16 if bf16 else jnp.float32
+    rng = np.random.default_rng(0)
+    select = None
+    if selecting:  # a random ascending subset, at least one channel
+        select = tuple(sorted(rng.choice(shape[-1], max(1, shape[-1] // 2), replace=False)))
+    x = jnp.asarray(rng.standard_normal(shape) * spread + shift, jnp.float32).astype(dtype)
+    kept = shape[-1] if select is None else len(select)
+    g = jnp.asarray(rng.standard_normal((*shape[:-1], kept)), jnp.float32).astype(dtype)
+    ours, theirs = _OurBN(True, dtype, relu, select), _FlaxBN(True, dtype, relu, select)
+    variables = theirs.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(
+        jnp.shape, variables
+    )
+    variables = {  # trained-like scales and biases, some negative
+        "params": {
+            "bn": {
+                "scale": jnp.asarray(rng.uniform(-1, 1, shape[-1]), jnp.float32),
+                "bias": jnp.asarray(rng.uniform(-1, 1, shape[-1]), jnp.float32),
+            }
+        },
+        "batch_stats": variables["batch_stats"],
+    }
+
+    outs = {}
+    for name, module in (("ours", ours), ("flax", theirs)):
+
+        def loss(params, x, module=module):
+            y, updates = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+            return jnp.sum(y.astype(jnp.float32) * g.astype(jnp.float32)), (y, updates)
+
+        (_, (y, updates)), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(
+            variables["params"], x
+        )
+        outs[name] = (y, updates, grads)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if bf16 else {"rtol": 1e-5, "atol": 1e-5}
+    (y, updates, grads), (fy, fupdates, fgrads) = outs["ours"], outs["flax"]
+    assert y.dtype == fy.dtype == dtype
+    np.testing.assert_allclose(np.float32(y), np.float32(fy), **tol)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), updates, fupdates
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.float32(a), np.float32(b), **tol), grads, fgrads
+    )
+    stats = {**variables, "batch_stats": fupdates["batch_stats"]}  # eval with trained stats
+    ours_eval = _OurBN(False, dtype, relu, select).apply(stats, x)
+    flax_eval = _FlaxBN(False, dtype, relu, select).apply(stats, x)
+    np.testing.assert_allclose(np.float32(ours_eval), np.float32(flax_eval), **tol)

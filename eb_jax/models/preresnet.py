@@ -3,18 +3,15 @@
 Block: BN(in) -> select -> ReLU -> 1x1 -> BN -> ReLU -> 3x3 (stride) -> BN -> ReLU -> 1x1
 to 4*planes, plus the identity or a bare strided 1x1 conv on the raw block input. The
 residual width never shrinks; a pruned network narrows the two inner widths of each
-block and gathers a subset of its input channels after the block-input BN (`selections`).
+block and gathers a subset of its input channels after the block-input BN (`selections`,
+fused into that BN: layers.BatchNorm `select`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
 
 from eb_jax.lowp import FP32, Precision
 from eb_jax.models.layers import Conv, batch_norm, pooled_torch_linear
@@ -33,32 +30,6 @@ def default_inner_widths(depth: int) -> tuple[tuple[int, int], ...]:
     """Dense (conv1 out, conv2 out) of every block: (planes, planes)."""
     n = blocks_per_stage(depth)
     return tuple((p, p) for p in STAGE_PLANES for _ in range(n))
-
-
-def _select(x, indices: Sequence[int] | None):
-    return x if indices is None else _take_channels(x, tuple(indices), x.shape[-1])
-
-
-# The gradient of a channel gather is a scatter-add, which XLA runs slowly on CPU (21 ms
-# for a batch-64 32x32x64 map, a tenth of that as a gather). With static indices the
-# gradient is itself a gather: each input channel reads its kept position, or a zero.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _take_channels(x, indices: tuple, channels: int):
-    return jnp.take(x, np.asarray(indices, np.int32), axis=-1)
-
-
-def _take_channels_fwd(x, indices, channels):
-    return _take_channels(x, indices, channels), None
-
-
-def _take_channels_bwd(indices, channels, _, g):
-    position = np.full(channels, len(indices), np.int32)  # len(indices): the zero column
-    position[list(indices)] = np.arange(len(indices))
-    padded = jnp.concatenate([g, jnp.zeros((*g.shape[:-1], 1), g.dtype)], axis=-1)
-    return (jnp.take(padded, position, axis=-1),)
-
-
-_take_channels.defvjp(_take_channels_fwd, _take_channels_bwd)
 
 
 class PreResNet(nn.Module):
@@ -109,16 +80,14 @@ class PreResNet(nn.Module):
             stage, b = divmod(i, n)
             planes, stride = STAGE_PLANES[stage], (2 if stage > 0 and b == 0 else 1)
             c1, c2 = inner[i]
-            out = bn(name=f"{name}_bn1")(x)
-            out = nn.relu(_select(out, selections[i]))
+            out = bn(name=f"{name}_bn1", relu=True, select=selections[i])(x)
             out = conv(c1, 1, name=f"{name}_conv1")(out)
-            out = nn.relu(bn(name=f"{name}_bn2")(out))
+            out = bn(name=f"{name}_bn2", relu=True)(out)
             out = conv(c2, 3, stride, name=f"{name}_conv2")(out)
-            out = nn.relu(bn(name=f"{name}_bn3")(out))
+            out = bn(name=f"{name}_bn3", relu=True)(out)
             out = conv(planes * EXPANSION, 1, name=f"{name}_conv3")(out)
             if b == 0:  # in_planes != 4*planes or stride 2: a bare 1x1 conv on the raw input
                 x = conv(planes * EXPANSION, 1, stride, 0, name=f"{name}_down")(x)
             x = out + x
-        x = bn(name="bn_final")(x)
-        x = nn.relu(_select(x, selections[-1]))
+        x = bn(name="bn_final", relu=True, select=selections[-1])(x)
         return pooled_torch_linear(x, self.num_classes)

@@ -86,7 +86,7 @@ class ResNet(nn.Module):
         conv = functools.partial(Conv, impl=self.conv_impl, precision=self.precision)
         bn = functools.partial(batch_norm, train, self.bn_scale_init, dtype=dtype)
         x = conv(stem, 7, 2, 3, name="stem_conv")(x.astype(dtype))
-        x = nn.relu(bn(name="stem_bn")(x))
+        x = bn(name="stem_bn", relu=True)(x)
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         i = 0
         for s, n in enumerate(self.stage_sizes):
@@ -100,9 +100,7 @@ class ResNet(nn.Module):
                     else:
                         k, st = 3, (stride if j == 0 else 1)
                     out = conv(width, k, st, name=f"{name}_conv{j + 1}")(out)
-                    out = bn(name=f"{name}_bn{j + 1}")(out)
-                    if j < len(widths) - 1:
-                        out = nn.relu(out)
+                    out = bn(name=f"{name}_bn{j + 1}", relu=j < len(widths) - 1)(out)
                 if self.has_downsample(s, b):
                     x = conv(stages[s], 1, stride, 0, name=f"{name}_down_conv")(x)
                     x = bn(name=f"{name}_down_bn")(x)

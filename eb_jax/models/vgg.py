@@ -69,8 +69,8 @@ class VGG(nn.Module):
                 x = max_pool_2x2(x)
                 continue
             conv = Conv(c, 3, impl=self.conv_impl, precision=self.precision, name=f"conv{i}")
-            x = batch_norm(train, self.bn_scale_init, name=f"bn{i}", dtype=dtype)(conv(x))
-            x = nn.relu(x)
+            bn = batch_norm(train, self.bn_scale_init, name=f"bn{i}", dtype=dtype, relu=True)
+            x = bn(conv(x))
             i += 1
         # The original's AvgPool2d(2) on the final 2x2 CIFAR map is this global mean.
         x = jnp.mean(x, axis=(1, 2))
