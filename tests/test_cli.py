@@ -114,7 +114,7 @@ def test_defaults_work_without_workdir_from_any_directory(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip() == (
         "eb_jax: error: unknown dataset 'mnist'; choose one of: digits, cifar10, cifar100, "
-        "imagenet2012"
+        "imagenet2012, imagenet_like"
     )
 
 
