@@ -219,9 +219,12 @@ def compare(name: str, args) -> dict:
     ).items():
         runners[label, "eb_jax"], flops[label] = jax_runner(model, variables, batch)
         if not args.no_torch:
-            runners[label, "torch"], torch_version = torch_runner(
-                name, model, args.batch, image, args.torch_mode
-            )
+            try:
+                runners[label, "torch"], torch_version = torch_runner(
+                    name, model, args.batch, image, args.torch_mode
+                )
+            except ImportError as e:  # torchvision, for ResNet-50
+                print(f"{name}: PyTorch side skipped ({e})")
     times = {key: [] for key in runners}
     for _ in range(args.steps):  # interleaved rounds
         for key, run in runners.items():
