@@ -25,34 +25,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from step_vs_pytorch import jax_runner
+from step_vs_pytorch import networks as tickets
 
-from eb_jax import platform, train
-from eb_jax.config import default_config
-from eb_jax.models import bn_scales, create_model
+from eb_jax import platform
 from eb_jax.models.layers import Conv
-from eb_jax.ticket import channel_mask
-from eb_jax.ticket.surgery import cut_ticket
-
-
-def _step_runner(model, variables, batch):
-    config = default_config()
-    tx = train.create_optimizer(config, 100)
-    variables = jax.tree.map(jnp.array, variables)  # the step donates (deletes) its inputs
-    state = train.TrainState.create(
-        apply_fn=model.apply,
-        params=variables["params"],
-        batch_stats=variables["batch_stats"],
-        tx=tx,
-    )
-    compiled = jax.jit(train.train_step, donate_argnums=0).lower(state, batch).compile()
-    holder = {"state": state}
-
-    def run():
-        holder["state"], metrics = compiled(holder["state"], batch)
-        jax.block_until_ready(metrics)
-
-    run()
-    return run, compiled.cost_analysis()["flops"]
 
 
 def _conv_calls(model, variables, image):
@@ -106,29 +83,16 @@ def _conv_runner(model, variables, batch):
 
 
 def benchmark(name: str, ratios, steps: int, batch_size: int, round_to: int = 0):
-    model = create_model(name, 10)
-    variables = train.init_variables(model, jax.random.key(0), (32, 32, 3))
     rng = np.random.default_rng(0)
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, x: (
-            rng.uniform(0, 1, x.shape).astype(np.float32) if p[-1].key == "scale" else np.asarray(x)
-        ),
-        variables["params"],
-    )
-    variables = {"params": params, "batch_stats": variables["batch_stats"]}
     batch = {
         "image": jnp.asarray(rng.standard_normal((batch_size, 32, 32, 3)), jnp.float32),
         "label": jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32),
     }
-    networks = {"dense": (model, variables)}
-    for ratio in ratios:
-        masks = channel_mask(bn_scales(model, params), ratio)
-        narrow, narrow_variables, _ = cut_ticket(model, variables, masks, round_to=round_to)
-        networks[f"p={ratio}"] = (narrow, narrow_variables)
+    networks = tickets(name, ratios, round_to, "fp32", 32)
     runners = {
         (key, part): make(net, net_variables, batch)
         for key, (net, net_variables) in networks.items()
-        for part, make in (("step", _step_runner), ("convs", _conv_runner))
+        for part, make in (("step", jax_runner), ("convs", _conv_runner))
     }
     times = {key: [] for key in runners}
     for _ in range(steps):

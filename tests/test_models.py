@@ -226,7 +226,10 @@ def test_preresnet_channel_selection_gradient_has_no_scatter():
     assert model.apply(variables, x).shape == (2, 10)
 
 
-class _FlaxBN(nn.Module):
+class _BN(nn.Module):
+    """eb_jax's BatchNorm(+selection)(+ReLU), or with `flax` Flax's, then jnp.take, nn.relu."""
+
+    flax: bool
     train_mode: bool
     dtype: object
     relu: bool
@@ -234,29 +237,19 @@ class _FlaxBN(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        bn = nn.BatchNorm(
+        if not self.flax:
+            return batch_norm(self.train_mode, 0.5, "bn", self.dtype, self.relu, self.select)(x)
+        y = nn.BatchNorm(
             use_running_average=not self.train_mode,
             momentum=BN_MOMENTUM,
             epsilon=1e-5,
             scale_init=nn.initializers.constant(0.5),
             dtype=self.dtype,
             name="bn",
-        )
-        y = bn(x)
+        )(x)
         if self.select is not None:
             y = jnp.take(y, np.asarray(self.select), axis=-1)
         return nn.relu(y) if self.relu else y
-
-
-class _OurBN(nn.Module):
-    train_mode: bool
-    dtype: object
-    relu: bool
-    select: tuple | None = None
-
-    @nn.compact
-    def __call__(self, x):
-        return batch_norm(self.train_mode, 0.5, "bn", self.dtype, self.relu, self.select)(x)
 
 
 @settings(max_examples=16, deadline=None, derandomize=True)
@@ -282,7 +275,7 @@ def test_batch_norm_equals_flaxs_in_values_statistics_and_gradients(
     x = jnp.asarray(rng.standard_normal(shape) * spread + shift, jnp.float32).astype(dtype)
     kept = shape[-1] if select is None else len(select)
     g = jnp.asarray(rng.standard_normal((*shape[:-1], kept)), jnp.float32).astype(dtype)
-    ours, theirs = _OurBN(True, dtype, relu, select), _FlaxBN(True, dtype, relu, select)
+    ours, theirs = _BN(False, True, dtype, relu, select), _BN(True, True, dtype, relu, select)
     variables = theirs.init(jax.random.key(0), x)
     assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(
         jnp.shape, variables
@@ -319,6 +312,6 @@ def test_batch_norm_equals_flaxs_in_values_statistics_and_gradients(
         lambda a, b: np.testing.assert_allclose(np.float32(a), np.float32(b), **tol), grads, fgrads
     )
     stats = {**variables, "batch_stats": fupdates["batch_stats"]}  # eval with trained stats
-    ours_eval = _OurBN(False, dtype, relu, select).apply(stats, x)
-    flax_eval = _FlaxBN(False, dtype, relu, select).apply(stats, x)
+    ours_eval = _BN(False, False, dtype, relu, select).apply(stats, x)
+    flax_eval = _BN(True, False, dtype, relu, select).apply(stats, x)
     np.testing.assert_allclose(np.float32(ours_eval), np.float32(flax_eval), **tol)

@@ -96,19 +96,13 @@ DATASETS = {
         train_examples=1_281_167,
         num_classes=1000,
     ),
-    # Made here (imagenet_like.py): the ImageNet input path offline, for tests and benchmarks.
-    "imagenet_like": DatasetSpec(
-        imagenet_like.NAME,
-        "train",
-        "validation",
-        (224, 224, 3),
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-        "imagenet",
-        train_examples=imagenet_like.TRAIN_EXAMPLES,
-        num_classes=1000,
-    ),
 }
+# Made here (imagenet_like.py): the ImageNet input path offline, for tests and benchmarks.
+DATASETS["imagenet_like"] = dataclasses.replace(
+    DATASETS["imagenet2012"],
+    tfds_name=imagenet_like.NAME,
+    train_examples=imagenet_like.TRAIN_EXAMPLES,
+)
 PREPARED_HERE = {"digits": digits.prepare, "imagenet_like": imagenet_like.prepare}
 
 
