@@ -164,6 +164,8 @@ def test_sync_batch_stats_averages_devices():
         ("eval_batch_size", 0, "eval_batch_size=0 must be a positive multiple"),
         ("lr_boundaries", (5, 2), "must be ascending"),
         ("num_epochs", 0, "num_epochs=0 must be positive"),
+        ("num_data_workers", -2, "num_data_workers must be -1 .one per core., 0 .none. or a"),
+        ("num_data_threads", 0, "and num_data_threads >= 1"),
     ],
 )
 def test_invalid_config_values_are_rejected(field, value, message):
