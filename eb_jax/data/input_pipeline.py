@@ -15,7 +15,6 @@ domain when the crop allows it, and crop and resize are one Pillow call.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import io
 import math
@@ -363,7 +362,7 @@ def _iterate(ds: grain.MapDataset, num_threads: int, num_workers: int):
     if not flags.FLAGS.is_parsed():  # grain reads absl flags (parsed when run by main)
         flags.FLAGS.mark_as_parsed()
     options = grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2)
-    iterator = iter(batches.mp_prefetch(options, worker_init_fn=_keep_freed_memory))
+    iterator = iter(batches.mp_prefetch(options))
     try:
         for _ in range(len(ds)):
             yield jax.tree.map(_out_of_shared_memory, next(iterator))
@@ -376,25 +375,6 @@ def default_workers() -> int:
     less one for the training loop (at least one)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, (cores or 1) - 1)
-
-
-def _keep_freed_memory(worker_index: int, worker_count: int) -> None:
-    """glibc's allocator in a worker: freed image buffers kept for the next image.
-
-    By default every decoded image (over 128 KB) is a fresh mmap whose pages the kernel
-    faults in and zeroes, then unmaps: measured 25 % of a JPEG decode's time. A long-lived
-    process reaches the same state on its own (glibc raises the threshold as big blocks
-    are freed); a fresh worker does not. No-op off glibc.
-    """
-    del worker_index, worker_count
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    libc.mallopt(m_mmap_threshold, 32 << 20)  # blocks under 32 MB from the heap
-    libc.mallopt(m_trim_threshold, 256 << 20)  # and not handed back until 256 MB are free
-    libc.mallopt(m_top_pad, 64 << 20)
 
 
 def _out_of_shared_memory(array):
