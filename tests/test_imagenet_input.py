@@ -3,6 +3,7 @@ decoding, eval geometry, uint8 batches from a real array_record dataset, workers
 
 import io
 import math
+import os
 import random
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from eb_jax.data.input_pipeline import (
     random_resized_crop_box,
 )
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET = DATASETS["imagenet2012"]
 
 
@@ -195,8 +197,9 @@ if __name__ == "__main__":
 def test_worker_batches_leave_no_shared_memory_behind(jpegs_dataset, jpegs_dir, tmp_path):
     script = tmp_path / "leak_check.py"
     script.write_text(LEAK_CHECK.format(data_dir=jpegs_dir))
+    env = {**os.environ, "PYTHONPATH": ROOT}  # the suite runs without installing eb_jax
     result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "leaked shared_memory" not in result.stderr
