@@ -6,7 +6,8 @@ Networks: VGG16 and PreResNet-56 / -101 at CIFAR shapes (and ResNet-50 at 224 px
 by eb_jax's surgery (kept counts rounded up to `--round-to`); the PyTorch side is built
 from the same widths (a PreResNet ticket's channel selections included). Both sides
 run SGD (momentum 0.9, weight decay 1e-4) with the BN-scale sparsity term; steps are
-interleaved (one of each network in turn, every round) and the medians compared.
+interleaved (one of each network in turn, every round; untimed rounds first, so the host
+allocators reach their steady state) and the medians compared.
 
 Printed per network: both step times, eb_jax's speed against PyTorch's (> 1: eb_jax
 faster), and for tickets each side's speedup over its dense network next to the FLOPs
@@ -14,7 +15,7 @@ ratio (XLA's cost analysis of the two eb_jax steps).
 
     pip install torch==2.13.0   # the CPU wheel; a CUDA build on a GPU host
     python benchmarks/step_vs_pytorch.py [--models vgg16 preresnet56] [--batch 64]
-        [--ratios 0.3 0.5 0.7] [--round-to 8] [--steps 5] [--torch-mode eager|best]
+        [--ratios 0.3 0.5 0.7] [--round-to 8] [--steps 5] [--warmup 3] [--torch-mode eager|best]
 
 `--torch-mode best` (GPU): PyTorch with bf16 autocast, channels_last and torch.compile,
 against eb_jax in bf16 (`--precision bf16`).
@@ -226,11 +227,12 @@ def compare(name: str, args) -> dict:
             except ImportError as e:  # torchvision, for ResNet-50
                 print(f"{name}: PyTorch side skipped ({e})")
     times = {key: [] for key in runners}
-    for _ in range(args.steps):  # interleaved rounds
+    for round_ in range(args.warmup + args.steps):  # interleaved rounds
         for key, run in runners.items():
             start = time.perf_counter()
             run()
-            times[key].append(time.perf_counter() - start)
+            if round_ >= args.warmup:
+                times[key].append(time.perf_counter() - start)
     ms = {key: 1000 * statistics.median(t) for key, t in times.items()}
     print(
         f"{name}, batch {args.batch}, {args.precision}, round_to {args.round_to}, "
@@ -266,6 +268,9 @@ def main():
     parser.add_argument("--round-to", type=int, default=8)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="untimed rounds first (host allocators settle)"
+    )
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--torch-mode", default="eager", choices=["eager", "best"])
     parser.add_argument("--no-torch", action="store_true", help="time eb_jax alone")
