@@ -3,8 +3,9 @@
 For VGG16 and PreResNet-101 (CIFAR shapes, batch 64), tickets at p = 0.3/0.5/0.7 are cut
 by eb_jax's surgery from masks drawn over scales spread uniformly at random (a trained
 network prunes its later layers harder; this spreads the cut evenly). Each network's
-train step is compiled, its FLOPs read from XLA's cost analysis, and the dense and ticket
-steps are timed interleaved. Goal: speedup >= 0.9 x the FLOPs ratio for VGG16 on CPU.
+train step is compiled, its FLOPs counted by cost.py (the paper's convention), and the
+dense and ticket steps are timed interleaved. Goal: speedup >= 0.9 x the FLOPs ratio for
+VGG16 on CPU.
 
 To show where a ticket loses against its FLOPs, the same run times each network's
 convolutions alone (forward and both gradients of every conv at the shapes the step

@@ -207,8 +207,8 @@ def test_max_pool_2x2_matches_flax_bit_for_bit_with_ties(hw):
 
 
 def test_preresnet_channel_selection_gradient_has_no_scatter():
-    # A selection's gradient is a gather (XLA runs a scatter-add slowly on CPU); its
-    # values are checked against autodiff's in the BatchNorm test below.
+    # A selection's gradient is a gather, or on CPU a 0/1 matmul (XLA runs a scatter-add
+    # slowly on CPU); its values are checked against autodiff's in the BatchNorm test below.
     model = create_model("preresnet_tiny", 10)
     rng = np.random.default_rng(0)
     # Three blocks (inputs of 16, 64 and 128 channels) and the head (256).

@@ -247,19 +247,38 @@ class BatchNorm(nn.Module):
 
 
 def _take(x, select: tuple | None):
-    """The `select`ed channels (last axis) of x; all of them for None."""
-    return x if select is None else jnp.take(x, np.asarray(select, np.int32), axis=-1)
+    """The `select`ed channels (last axis) of x; all of them for None.
+
+    On CPU an activation's channels are picked by a matmul with a 0/1 matrix: XLA's CPU
+    gather along the minor axis makes transposed copies around it. Exact: each output is
+    one product by 1 plus products by 0 (a non-finite value in a dropped channel would
+    spread over its pixel, in a run already diverged)."""
+    if select is None:
+        return x
+    if x.ndim > 1 and _default_backend() == "cpu":
+        return jnp.dot(x, _selection_matrix(select, x.shape[-1], x.dtype))
+    return jnp.take(x, np.asarray(select, np.int32), axis=-1)
 
 
 def _put(x, select: tuple | None, channels: int):
     """Inverse of `_take`: the selected channels back in place, zeros elsewhere (a gather
-    from a zero-padded x: XLA runs a scatter-add slowly on CPU)."""
+    from a zero-padded x: XLA runs a scatter-add slowly on CPU; on CPU an activation's
+    by a matmul, as in `_take`)."""
     if select is None:
         return x
+    if x.ndim > 1 and _default_backend() == "cpu":
+        return jnp.dot(x, _selection_matrix(select, channels, x.dtype).T)
     position = np.full(channels, len(select), np.int32)  # len(select): the zero column
     position[list(select)] = np.arange(len(select))
     padded = jnp.concatenate([x, jnp.zeros((*x.shape[:-1], 1), x.dtype)], axis=-1)
     return jnp.take(padded, position, axis=-1)
+
+
+def _selection_matrix(select: tuple, channels: int, dtype) -> jax.Array:
+    """(channels, len(select)) zeros with a 1 at (select[k], k)."""
+    matrix = np.zeros((channels, len(select)), np.float32)
+    matrix[list(select), np.arange(len(select))] = 1
+    return jnp.asarray(matrix, dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -273,24 +292,25 @@ def _batch_norm_train_fwd(x, scale, bias, epsilon, relu, dtype, select):
     mean = jnp.mean(xf, axes)
     var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)  # as Flax
     inv = jax.lax.rsqrt(var + epsilon)
-    kept = [_take(v, select) for v in (xf, mean, scale * inv, bias)]
-    y = (kept[0] - kept[1]) * kept[2] + kept[3]
+    kept_x = _take(x, select)  # saved for the backward pass: picked once
+    kept = [_take(v, select) for v in (mean, scale * inv, bias)]
+    y = (kept_x.astype(jnp.float32) - kept[0]) * kept[1] + kept[2]
     y = (jnp.maximum(y, 0) if relu else y).astype(dtype)
-    return (y, mean, var), (x, mean, inv, scale, y if relu else None)
+    return (y, mean, var), (kept_x, mean, inv, scale, y if relu else None)
 
 
 def _batch_norm_train_bwd(epsilon, relu, dtype, select, residuals, cotangents):
-    x, mean, inv, scale, y = residuals
+    kept_x, mean, inv, scale, y = residuals
     dy = cotangents[0].astype(jnp.float32)  # the statistics' cotangents: running stats only
     if relu:
         dy = jnp.where(y > 0, dy, 0.0)
-    axes, channels = tuple(range(x.ndim - 1)), x.shape[-1]
+    axes, channels = tuple(range(kept_x.ndim - 1)), mean.shape[0]
     mean, inv, scale = (_take(v, select) for v in (mean, inv, scale))
-    xhat = (_take(x, select).astype(jnp.float32) - mean) * inv
+    xhat = (kept_x.astype(jnp.float32) - mean) * inv
     dbias = jnp.sum(dy, axes)
     dscale = jnp.sum(dy * xhat, axes)
-    dx = (scale * inv) * (dy - (dbias + xhat * dscale) / (x.size // channels))
-    dx = _put(dx.astype(x.dtype), select, channels)
+    dx = (scale * inv) * (dy - (dbias + xhat * dscale) / (kept_x.size // kept_x.shape[-1]))
+    dx = _put(dx.astype(kept_x.dtype), select, channels)
     return dx, _put(dscale, select, channels), _put(dbias, select, channels)
 
 
