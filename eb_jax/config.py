@@ -117,6 +117,7 @@ def _runtime_fields(c: ml_collections.ConfigDict) -> None:
     )
     c.conv_impl = "auto"  # 'auto' (fast path picked per backend), 'xla' or 'patches'
     c.cpu_xla_flags = True  # XLA's Eigen convolution on CPU (eb_jax.platform)
+    c.reuse_host_memory = True  # glibc keeps freed host memory for the next step (platform)
     c.log_every_steps = 100  # progress lines within an epoch
     c.checkpoint_every_steps = 1000  # plus one at every epoch end; 0: epoch ends only
     c.checkpoints_to_keep = 3

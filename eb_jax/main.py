@@ -70,6 +70,7 @@ def main(argv) -> int:
 
     config = CONFIG[0].value
     platform.set_cpu_xla_flags(config.cpu_xla_flags)  # before JAX starts its backend
+    platform.reuse_host_memory(config.reuse_host_memory)  # and its threads
     report.setup_logging()  # quiets absl before JAX logs
     try:
         parallel.initialize_distributed(config.distributed)
