@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
+from platform import libc_ver, system
 
 import jax
 
@@ -39,7 +39,7 @@ def reuse_host_memory(enable: bool = True) -> bool:
     faults only the first time. Threads that already allocated keep their arena, so
     this is applied on import, before JAX starts its threads (eb_jax/__init__.py).
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if system() != "Linux" or libc_ver()[0] != "glibc":
         return False
     mallopt = ctypes.CDLL(None).mallopt
     for param, value in (_REUSE if enable else _GLIBC_DEFAULTS).items():
