@@ -14,6 +14,7 @@ what the step spends outside them (BatchNorm, ReLU, pooling, loss, optimizer, an
 per-op overhead), which shrinks only linearly with the width, not quadratically.
 
     python benchmarks/ticket_speedup.py [--models vgg16 preresnet101] [--steps 5] [--round-to 8]
+        [--warmup 3]
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def _conv_runner(model, variables, batch):
     return run, compiled.cost_analysis()["flops"]
 
 
-def benchmark(name: str, ratios, steps: int, batch_size: int, round_to: int = 0):
+def benchmark(name: str, ratios, steps: int, batch_size: int, round_to: int = 0, warmup: int = 3):
     rng = np.random.default_rng(0)
     batch = {
         "image": jnp.asarray(rng.standard_normal((batch_size, 32, 32, 3)), jnp.float32),
@@ -96,11 +97,12 @@ def benchmark(name: str, ratios, steps: int, batch_size: int, round_to: int = 0)
         for part, make in (("step", jax_runner), ("convs", _conv_runner))
     }
     times = {key: [] for key in runners}
-    for _ in range(steps):
+    for round_ in range(warmup + steps):  # untimed rounds first: host allocators settle
         for key, (run, _) in runners.items():
             start = time.perf_counter()
             run()
-            times[key].append(time.perf_counter() - start)
+            if round_ >= warmup:
+                times[key].append(time.perf_counter() - start)
     seconds = {key: statistics.median(t) for key, t in times.items()}
     flops = {key: runner[1] for key, runner in runners.items()}
 
@@ -130,10 +132,11 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--round-to", type=int, default=0, help="8 for GPU, 128 for TPU")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     args = parser.parse_args()
     print(f"backend: {jax.default_backend()} ({platform.describe()}), median of {args.steps}")
     for name in args.models:
-        benchmark(name, args.ratios, args.steps, args.batch, args.round_to)
+        benchmark(name, args.ratios, args.steps, args.batch, args.round_to, args.warmup)
 
 
 if __name__ == "__main__":
