@@ -25,13 +25,14 @@ import json, resource, statistics, sys, time
 sys.path.insert(0, {benchmarks!r})
 from eb_jax import platform
 platform.reuse_host_memory({reuse})
-import jax
+import jax.numpy as jnp
+import numpy as np
 from step_vs_pytorch import jax_runner, networks
 model, variables = networks({model!r}, (), 8, "fp32", 32)["dense"]
-rng = __import__("numpy").random.default_rng(0)
+rng = np.random.default_rng(0)
 batch = {{
-    "image": jax.numpy.asarray(rng.standard_normal(({batch}, 32, 32, 3)), "float32"),
-    "label": jax.numpy.zeros(({batch},), "int32"),
+    "image": jnp.asarray(rng.standard_normal(({batch}, 32, 32, 3)), jnp.float32),
+    "label": jnp.zeros(({batch},), jnp.int32),
 }}
 run, _ = jax_runner(model, variables, batch)
 for _ in range(3):

@@ -212,6 +212,19 @@ def networks(name: str, ratios, round_to: int, precision: str, image: int):
     return nets
 
 
+def median_seconds(runners: dict, steps: int, warmup: int) -> dict:
+    """{key: median seconds of runners[key]()}, timed in interleaved rounds (one call of
+    each runner in turn) after `warmup` untimed rounds, by which host allocators settle."""
+    times = {key: [] for key in runners}
+    for round_ in range(warmup + steps):
+        for key, run in runners.items():
+            start = time.perf_counter()
+            run()
+            if round_ >= warmup:
+                times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
 def compare(name: str, args) -> dict:
     image = 224 if name == "resnet50" else 32
     ratios = () if name == "resnet50" else args.ratios
@@ -232,14 +245,7 @@ def compare(name: str, args) -> dict:
                 )
             except ImportError as e:  # torchvision, for ResNet-50
                 print(f"{name}: PyTorch side skipped ({e})")
-    times = {key: [] for key in runners}
-    for round_ in range(args.warmup + args.steps):  # interleaved rounds
-        for key, run in runners.items():
-            start = time.perf_counter()
-            run()
-            if round_ >= args.warmup:
-                times[key].append(time.perf_counter() - start)
-    ms = {key: 1000 * statistics.median(t) for key, t in times.items()}
+    ms = {key: 1000 * t for key, t in median_seconds(runners, args.steps, args.warmup).items()}
     print(
         f"{name}, batch {args.batch}, {args.precision}, round_to {args.round_to}, "
         f"PyTorch {torch_version or 'not run'} ({args.torch_mode}), median of {args.steps}:"

@@ -20,14 +20,12 @@ per-op overhead), which shrinks only linearly with the width, not quadratically.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from step_vs_pytorch import jax_runner
+from step_vs_pytorch import jax_runner, median_seconds
 from step_vs_pytorch import networks as tickets
 
 from eb_jax import platform
@@ -96,14 +94,8 @@ def benchmark(name: str, ratios, steps: int, batch_size: int, round_to: int = 0,
         for key, (net, net_variables) in networks.items()
         for part, make in (("step", jax_runner), ("convs", _conv_runner))
     }
-    times = {key: [] for key in runners}
-    for round_ in range(warmup + steps):  # untimed rounds first: host allocators settle
-        for key, (run, _) in runners.items():
-            start = time.perf_counter()
-            run()
-            if round_ >= warmup:
-                times[key].append(time.perf_counter() - start)
-    seconds = {key: statistics.median(t) for key, t in times.items()}
+    runs = {key: run for key, (run, _) in runners.items()}
+    seconds = median_seconds(runs, steps, warmup)
     flops = {key: runner[1] for key, runner in runners.items()}
 
     def versus_dense(key, part):

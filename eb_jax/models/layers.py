@@ -261,9 +261,9 @@ def _take(x, select: tuple | None):
 
 
 def _put(x, select: tuple | None, channels: int):
-    """Inverse of `_take`: the selected channels back in place, zeros elsewhere (a gather
-    from a zero-padded x: XLA runs a scatter-add slowly on CPU; on CPU an activation's
-    by a matmul, as in `_take`)."""
+    """Inverse of `_take`: the selected channels back in place, zeros elsewhere. Not a
+    scatter-add (slow on XLA's CPU backend): a gather from a zero-padded x, or on CPU,
+    for an activation, a matmul with the transposed 0/1 matrix of `_take`."""
     if select is None:
         return x
     if x.ndim > 1 and _default_backend() == "cpu":
