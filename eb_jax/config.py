@@ -11,6 +11,7 @@ import os
 import ml_collections
 
 from eb_jax import lowp, methods, names
+from eb_jax.data import DATASETS, DataError, dali
 from eb_jax.ticket import EarlyBirdDetector
 
 
@@ -126,6 +127,10 @@ def _runtime_fields(c: ml_collections.ConfigDict) -> None:
     # Processes decoding + augmenting per-example datasets (ImageNet); -1: one per core
     # this process may use, less one for the training loop; 0: in the threads.
     c.num_data_workers = -1
+    # Who decodes JPEG datasets (ImageNet): 'grain' (Pillow in num_data_workers host
+    # processes) or 'dali' (NVIDIA DALI on the GPUs, requirements-gpu.txt; grain still
+    # reads the records). In-memory datasets (digits, CIFAR) take 'grain'.
+    c.input_backend = "grain"
 
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -188,6 +193,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
             "num_data_workers must be -1 (one per core), 0 (none) or a count, and "
             "num_data_threads >= 1"
         )
+    _check_input_backend(config)
     if config.checkpoints_to_keep < 1 or config.checkpoint_every_steps < 0:
         raise ConfigError("checkpoints_to_keep must be >= 1 and checkpoint_every_steps >= 0")
     _check_method(config)
@@ -196,6 +202,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         methods.check(config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _check_input_backend(config) -> None:
+    if config.input_backend not in names.INPUT_BACKENDS:
+        raise ConfigError(
+            f"input_backend={config.input_backend!r} must be one of {names.INPUT_BACKENDS}"
+        )
+    if config.input_backend == names.DALI and config.dataset in DATASETS:
+        try:
+            dali.check_backend(DATASETS[config.dataset])
+        except DataError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _check_method(config) -> None:

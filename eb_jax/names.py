@@ -1,4 +1,5 @@
-"""The names a run is made of, in one leaf module: methods, stages, retrain modes.
+"""The names a run is made of, in one leaf module: methods, stages, retrain modes, input
+backends.
 
 Config files, checkpoints and report.json hold these strings; code compares against the
 constants here, never against bare literals.
@@ -35,3 +36,8 @@ SCHEDULES = (CONTINUE, FRESH)
 # What 'lt' prunes.
 CHANNELS, WEIGHTS = "channels", "weights"
 GRANULARITIES = (CHANNELS, WEIGHTS)
+
+# Who decodes per-example (JPEG) datasets: grain workers with Pillow on the host, or
+# NVIDIA DALI on the GPUs (data/dali.py).
+GRAIN, DALI = "grain", "dali"
+INPUT_BACKENDS = (GRAIN, DALI)

@@ -83,9 +83,16 @@ def unreplicate(tree):
 
 
 def shard(batch, num_devices: int | None = None):
-    """Splits the leading (batch) axis of every array into [devices, per_device, ...]."""
+    """Splits the leading (batch) axis of every array into [devices, per_device, ...]:
+    a host array on the host, a jax.Array already split over the devices in order
+    (data.dali's images) where it is."""
     n = num_devices or jax.local_device_count()
-    return jax.tree.map(lambda x: np.reshape(x, (n, -1, *x.shape[1:])), batch)
+
+    def split(x):
+        shape = (n, -1, *x.shape[1:])
+        return x.reshape(shape) if isinstance(x, jax.Array) else np.reshape(x, shape)
+
+    return jax.tree.map(split, batch)
 
 
 @functools.cache

@@ -19,8 +19,9 @@ import jax
 import numpy as np
 
 from eb_jax import data as data_lib
-from eb_jax import parallel, train
+from eb_jax import names, parallel, train
 from eb_jax.checkpoint import config_record
+from eb_jax.data import dali
 from eb_jax.energy import EnergyClock
 from eb_jax.lowp import Precision
 from eb_jax.models import bn_scales, model_widths
@@ -404,11 +405,12 @@ def _loader(run: RunContext, split: str, epoch: int = 0, first: int = 0):
     config = run.config
     where = (jax.process_index(), jax.process_count())
     workers = {"num_threads": config.num_data_threads, "num_workers": config.num_data_workers}
+    source = dali if config.input_backend == names.DALI else data_lib
     if split == "train":
-        return data_lib.train_batches(
+        return source.train_batches(
             run.data, config.batch_size, config.seed, epoch, first, *where, **workers
         )
-    return data_lib.eval_batches(run.data, config.eval_batch_size, *where, **workers)
+    return source.eval_batches(run.data, config.eval_batch_size, *where, **workers)
 
 
 def _batch_spec(size: int, shape, with_mask: bool) -> dict:

@@ -93,6 +93,12 @@ def test_quickstart_runs_eb_train_end_to_end(tmp_path, data_dir):
             "process_id=3 must be in [0, num_processes=2)",
         ),
         (["stray"], "unexpected arguments: stray"),
+        (["--config.input_backend=nvjpeg"], "input_backend='nvjpeg' must be one of"),
+        (["--config.input_backend=dali"], "decodes JPEG datasets (imagenet2012, imagenet_like)"),
+        (
+            ["--config.dataset=imagenet_like", "--config.input_backend=dali"],
+            "use input_backend='grain'",  # no DALI, or no GPU (tests/test_dali.py)
+        ),
     ],
 )
 def test_bad_input_is_a_one_line_error(args, message, tmp_path, data_dir):

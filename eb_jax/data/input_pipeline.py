@@ -314,24 +314,39 @@ def train_batches(
     datasets (ImageNet) are read by `num_threads` threads and, with `num_workers`,
     decoded and augmented in that many worker processes, in the same order.
     """
+    mine, epoch_seed = epoch_indices(data, batch_size, seed, epoch, process_index, process_count)
+    local_batch, n_steps = mine.shape[1], mine.shape[0]
+    if isinstance(data.train, in_memory.ArraySource):
+        return in_memory.train_batches(
+            data.train, data.spec, mine, epoch_seed, start_step, num_threads
+        )
+    ds = grain.MapDataset.source(Subset(data.train, mine.reshape(-1)))
+    ds = ds.random_map(_train_transform(data.spec), seed=epoch_seed)
+    ds = ds.batch(local_batch, drop_remainder=True)[start_step:n_steps]
+    return _iterate(ds, num_threads, num_workers)
+
+
+def epoch_indices(
+    data: Dataset, batch_size: int, seed: int, epoch: int, process_index: int, process_count: int
+) -> tuple[np.ndarray, int]:
+    """([steps, local batch] indices of this process's training examples in epoch
+    `epoch`, the epoch's seed): a seeded permutation, every global batch split into
+    process_count equal blocks."""
     local_batch = batch_size // process_count
     n_steps = steps_per_epoch(data, batch_size)
     epoch_seed = _epoch_seed(seed, epoch)
     order = np.random.default_rng(epoch_seed).permutation(len(data.train))
     # [step, process, example]: this process's indices of every step's global batch.
     mine = order[: n_steps * batch_size].reshape(n_steps, process_count, local_batch)
-    mine = mine[:, process_index]
-    if isinstance(data.train, in_memory.ArraySource):
-        return in_memory.train_batches(
-            data.train, data.spec, mine, epoch_seed, start_step, num_threads
-        )
-    ds = grain.MapDataset.source(_Subset(data.train, mine.reshape(-1)))
-    ds = ds.random_map(_train_transform(data.spec), seed=epoch_seed)
-    ds = ds.batch(local_batch, drop_remainder=True)[start_step:n_steps]
-    return _iterate(ds, num_threads, num_workers)
+    return mine[:, process_index], epoch_seed
 
 
-class _Subset:
+def eval_steps(data: Dataset, local_batch: int, process_count: int) -> int:
+    """Eval batches every process runs (the same number, padded with empty ones)."""
+    return math.ceil(math.ceil(len(data.eval) / process_count) / local_batch)
+
+
+class Subset:
     """The examples of `source` at `indices`, in that order (a random-access source)."""
 
     def __init__(self, source, indices: np.ndarray):
@@ -400,8 +415,7 @@ def eval_batches(
 ):
     """Every eval example exactly once, in batches padded to `batch_size` (mask=False)."""
     local_batch = batch_size // process_count
-    # Every process runs the same number of steps, padding with empty batches.
-    n_steps = math.ceil(math.ceil(len(data.eval) / process_count) / local_batch)
+    n_steps = eval_steps(data, local_batch, process_count)
     if isinstance(data.eval, in_memory.ArraySource):
         batches = in_memory.eval_batches(
             data.eval, local_batch, n_steps, process_index, process_count
