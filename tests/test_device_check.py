@@ -1,0 +1,70 @@
+"""benchmarks/device_check.py: `--quick` runs every section on CPU (so the accelerator
+script cannot rot) and writes its JSON and table, saying what it skipped and why."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _quick(out, *args, timeout=600):
+    cmd = [sys.executable, "benchmarks/device_check.py", "--quick", "--out", str(out), *args]
+    env = {**os.environ, "PYTHONPATH": ROOT}  # the suite runs without installing eb_jax
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_quick_device_check_measures_every_section_on_cpu(tmp_path):
+    result = _quick(tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    results = json.loads((tmp_path / "device_check.json").read_text())
+    assert results["errors"] == {} and results["quick"] is True
+    assert results["environment"]["backend"] == "cpu" and results["environment"]["host_cores"]
+    skipped = "\n".join(results["skipped"])
+    assert "ResNet: not in --quick" in skipped
+    assert list(results["step"]) == list(results["tickets"]) == ["vgg_tiny"]
+    for name, row in results["step"].items():
+        assert row["fp32_ms"] > 0 and row["bf16_ms"] > 0
+        assert row["images_per_s"]["bf16"] == pytest.approx(16_000 / row["bf16_ms"])
+        if "torch_best_ms" not in row:  # PyTorch is not in requirements.txt
+            assert f"PyTorch {name}:" in skipped
+    for name, tickets in results["tickets"].items():
+        ticket = tickets["p=0.5"]
+        assert ticket["flops_ratio"] > 1 and ticket["speedup"] > 0, name
+        assert ticket["of_flops_ratio"] == pytest.approx(ticket["speedup"] / ticket["flops_ratio"])
+    energy = results["energy"]
+    assert energy["flops_ratio"] > 1 and energy["time_ratio"] > 0
+    assert energy["epoch_images"] == 64 and set(energy["seconds"]) == {"dense", "p=0.5"}
+    if energy["meter"] is None:  # no NVML or RAPL on these machines
+        assert energy["joules"] == {"dense": None, "p=0.5": None} and "energy: no meter" in skipped
+    else:
+        assert energy["joules_ratio"] > 0
+    pillow = results["input"]["grain_pillow"]
+    assert pillow["images_per_s"] > 0 and pillow["workers"] >= 1
+    assert results["input"]["step_network"] == "vgg_tiny"
+    step_rate = results["step"]["vgg_tiny"]["images_per_s"]["bf16"]
+    assert pillow["of_step_rate"] == pytest.approx(pillow["images_per_s"] / step_rate)
+    assert "dali" in results["input"] or "input through DALI: input_backend='dali'" in skipped
+    table = (tmp_path / "device_check.md").read_text()
+    assert table.startswith("# device_check --quick: ")
+    assert "| what | measured | goal | met |" in table
+    for what in ("step, batch 16", "p=0.5 ticket (fp32)", "joules ratio", "ImageNet input"):
+        assert what in table
+    assert all(reason in table for reason in results["skipped"])
+
+
+def test_sections_past_the_budget_are_skipped_and_said_so(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import device_check
+
+    code = device_check.main(["--quick", "--out", str(tmp_path), "--budget", "-1"])
+    assert code == 0
+    results = json.loads((tmp_path / "device_check.json").read_text())
+    not_started = [r for r in results["skipped"] if "not started" in r]
+    assert [r.split(":")[0] for r in not_started] == list(device_check.SECTIONS)
+    assert "not started, the -1 s budget was spent" in not_started[0]
+    assert "| what | measured | goal | met |" in (tmp_path / "device_check.md").read_text()
