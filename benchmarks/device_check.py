@@ -425,9 +425,8 @@ def write_outputs(results: dict, sizes: Sizes, out: str) -> None:
         "| --- | --- | --- | --- |",
         *(f"| {' | '.join(row)} |" for row in table_rows(results, sizes)),
         "",
-        f"{results['seconds']:.0f} s in all. Skipped:"
-        if results["skipped"]
-        else "Nothing skipped.",
+        f"{results.get('seconds', 0):.0f} s in all; "
+        + ("skipped:" if results["skipped"] else "nothing skipped."),
         *(f"- {reason}" for reason in results["skipped"]),
     ]
     with open(os.path.join(out, "device_check.md"), "w") as f:
@@ -436,7 +435,7 @@ def write_outputs(results: dict, sizes: Sizes, out: str) -> None:
 
 def run_sections(args, sizes: Sizes) -> dict:
     """Every asked section in order, each recorded (or its failure, or why it was not
-    started) in the results."""
+    started) in the results, written out after each (a run killed later keeps them)."""
     results = {"environment": environment(), "quick": args.quick, "skipped": [], "errors": {}}
     results["section_seconds"], results["section_cpu_seconds"] = {}, {}
     precision = "fp32" if jax.default_backend() == "cpu" else "bf16"  # CPU emulates bf16
@@ -464,7 +463,10 @@ def run_sections(args, sizes: Sizes) -> dict:
             results["skipped"].append(f"{name}: failed ({results['errors'][name]})")
         results["section_seconds"][name] = time.perf_counter() - began
         results["section_cpu_seconds"][name] = time.process_time() - cpu
+        results["seconds"] = time.perf_counter() - start
+        write_outputs(results, sizes, args.out)
     results["seconds"] = time.perf_counter() - start
+    write_outputs(results, sizes, args.out)
     return results
 
 
@@ -487,7 +489,6 @@ def main(argv=None) -> int:
     sizes = QUICK if args.quick else FULL
     print(f"backend: {jax.default_backend()} ({platform.describe()})", flush=True)
     results = run_sections(args, sizes)
-    write_outputs(results, sizes, args.out)
     with open(os.path.join(args.out, "device_check.md")) as f:
         print(f.read())
     return 1 if results["errors"] else 0

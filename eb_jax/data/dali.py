@@ -16,8 +16,10 @@ the region torchvision's Resize(256) + CenterCrop(224) keeps resized to 224 in o
 A batch is {'image': a jax.Array of this process's batch, its examples split over the
 local devices in order (device i holds the i-th block, what `parallel.shard` makes of a
 host batch), 'label': int32 numpy} (+ 'mask' in eval). The next batch is decoded while
-the current one trains. `device_ids=None` runs the same pipelines on DALI's CPU
-operators (the tests: DALI's wheel installs without a GPU).
+the current one trains. On a CPU backend the same pipelines run on DALI's CPU operators
+(the tests: DALI's wheel installs without a GPU; `config.validate` refuses 'dali' there).
+DALI's GPU buffers live beside JAX's, which takes 75 % of each GPU's memory by default
+(XLA_PYTHON_CLIENT_MEM_FRACTION lowers it if DALI runs out).
 """
 
 from __future__ import annotations
