@@ -30,7 +30,10 @@ def test_quick_device_check_measures_every_section_on_cpu(tmp_path):
     for name, row in results["step"].items():
         assert row["fp32_ms"] > 0 and row["bf16_ms"] > 0
         assert row["images_per_s"]["bf16"] == pytest.approx(16_000 / row["bf16_ms"])
-        if "torch_best_ms" not in row:  # PyTorch is not in requirements.txt
+        assert row["torch_mode"] == "eager"  # torch.compile is for the accelerator run
+        if "torch_ms" in row:
+            assert row["versus_torch"]["fp32"] == pytest.approx(row["torch_ms"] / row["fp32_ms"])
+        else:  # PyTorch is not in requirements.txt
             assert f"PyTorch {name}:" in skipped
     for name, tickets in results["tickets"].items():
         ticket = tickets["p=0.5"]
