@@ -1,0 +1,31 @@
+"""ViT quickstart: a 4-block ViT on scikit-learn's handwritten digits, offline, on 2 cores.
+
+    python -m eb_jax.main --config configs/vit_quickstart.py
+
+The ticket is drawn from gates on the attention heads (per block) and the MLP neurons
+(globally), cut out, and retrained (docs/method.md, "ViT tickets"). AdamW with a cosine
+schedule after a warm-up, as a ViT is trained; no augmentation.
+"""
+
+from eb_jax.config import default_config
+
+
+def get_config():
+    config = default_config()
+    config.model = "vit_digits"
+    config.dataset = "digits"
+    config.num_epochs = 40
+    config.batch_size = 64
+    config.eval_batch_size = 120
+    config.optimizer = "adamw"
+    config.learning_rate = 2e-3
+    config.weight_decay = 0.05
+    config.lr_schedule = "cosine"
+    config.warmup_epochs = 2
+    config.lr_boundaries = ()
+    config.label_smoothing = 0.1
+    config.sparsity = 1e-4
+    config.log_every_steps = 0  # epochs are short: one line per epoch
+    config.grid_ratios = (0.3, 0.5)
+    config.grid_ticket_epochs = (2, 5, 10)
+    return config
