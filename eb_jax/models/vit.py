@@ -133,7 +133,9 @@ class ViT(nn.Module):
     def __call__(self, x, train: bool = False):
         del train  # no dropout, no BatchNorm: training and evaluation compute the same
         if self.precision.quantized:
-            raise ValueError("precision 'bfp8' is implemented for the CNNs; a ViT takes fp32 or bf16")
+            raise ValueError(
+                "precision 'bfp8' is implemented for the CNNs; a ViT takes fp32 or bf16"
+            )
         dtype = self.precision.compute_dtype
         heads, mlp = self.widths()
         x = self._embed(x.astype(dtype), dtype)
@@ -164,9 +166,7 @@ class ViT(nn.Module):
     def _attention(self, x, i: int, heads: int, dtype):
         dim = self.hidden // self.num_heads
         qkv = [
-            nn.DenseGeneral((heads, dim), kernel_init=_xavier, dtype=dtype, name=f"block{i}_{n}")(
-                x
-            )
+            nn.DenseGeneral((heads, dim), kernel_init=_xavier, dtype=dtype, name=f"block{i}_{n}")(x)
             for n in ("query", "key", "value")
         ]
         y = DotProductAttention(name=f"block{i}_attention")(*qkv)

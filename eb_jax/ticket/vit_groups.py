@@ -64,7 +64,10 @@ def fold_gates(model: ViT, params: dict) -> dict:
     read its units and reset to 1; the network's function is unchanged."""
     for i in range(model.depth):
         b = f"block{i}"
-        for gate, reader, shape in (("head_gate", "out", (-1, 1, 1)), ("mlp_gate", "mlp2", (-1, 1))):
+        for gate, reader, shape in (
+            ("head_gate", "out", (-1, 1, 1)),
+            ("mlp_gate", "mlp2", (-1, 1)),
+        ):
             scale = params[f"{b}_{gate}"]["scale"]
             kernel = params[f"{b}_{reader}"]["kernel"]
             params[f"{b}_{reader}"] = {
