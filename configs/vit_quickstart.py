@@ -25,6 +25,8 @@ def get_config():
     config.lr_boundaries = ()
     config.label_smoothing = 0.1
     config.sparsity = 1e-4
+    # Per block, floor(4 x 0.7) = 2 of the 4 heads go; 70 % of the MLP neurons globally.
+    config.prune_ratio = 0.7
     config.log_every_steps = 0  # epochs are short: one line per epoch
     config.grid_ratios = (0.3, 0.5)
     config.grid_ticket_epochs = (2, 5, 10)

@@ -275,14 +275,19 @@ def _check_optimizer(config) -> None:
 
 
 def _check_model(config) -> None:
-    """What a ViT cannot run: bfp8 (conv activations) and the conv-filter criteria."""
-    if not isinstance(MODELS.get(config.model), functools.partial):
-        return
-    if not issubclass(MODELS[config.model].func, ViT):
-        return
+    reason = model_refuses(config)
+    if reason:
+        raise ConfigError(reason)
+
+
+def model_refuses(config) -> str | None:
+    """Why the config's model cannot run it, or None: a ViT takes no bfp8 (it quantises
+    conv activations) and no conv-filter criterion (ThiNet, SFP)."""
+    model = MODELS.get(config.model)
+    if not (isinstance(model, functools.partial) and issubclass(model.func, ViT)):
+        return None
     if "bfp8" in (config.precision.search, config.precision.retrain):
-        raise ConfigError(f"model {config.model!r} takes precision 'fp32' or 'bf16', not 'bfp8'")
+        return f"model {config.model!r} takes precision 'fp32' or 'bf16', not 'bfp8'"
     if config.method in (names.THINET, names.SFP):
-        raise ConfigError(
-            f"method {config.method!r} prunes conv filters; a ViT runs eb, ns, lt, snip, dense"
-        )
+        return f"method {config.method!r} prunes conv filters; a ViT runs eb, ns, lt, snip, dense"
+    return None
