@@ -146,3 +146,26 @@ def test_what_a_vit_cannot_run_is_a_config_error(data_dir, overrides, message):
     config.update(overrides)
     with pytest.raises(ConfigError, match=message):
         validate(config, 1)
+
+
+def test_the_search_draws_gate_masks_and_detects_when_they_settle():
+    from eb_jax.ticket import EarlyBirdDetector
+    from eb_jax.ticket.search import TicketSearch, mask_function
+
+    model, variables = _trained_like()
+    scales = [np.asarray(s) for s in bn_scales(model, variables["params"])]
+    search = TicketSearch(
+        (0.5,),
+        0.5,
+        EarlyBirdDetector(3, 0.1, "code"),
+        [s.size for s in scales],
+        mask_function(model),
+    )
+    rng = np.random.default_rng(0)
+    for epoch in range(6):  # two epochs of random gates, then the same gates
+        drawn = [rng.uniform(0, 1, s.size) for s in scales] if epoch < 2 else scales
+        search.observe(epoch, drawn)
+    assert search.detected == {0.5: 4}  # the window of 3 equal masks: epochs 2, 3, 4
+    np.testing.assert_array_equal(
+        np.concatenate(search.ticket.masks), np.concatenate(gate_mask(scales, 0.5))
+    )
