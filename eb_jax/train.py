@@ -1,4 +1,5 @@
-"""Training state, the optimizer (PyTorch SGD semantics), and the pure train/eval steps.
+"""Training state, the optimizer (PyTorch SGD semantics, or AdamW), and the pure train/eval
+steps.
 
 The steps take an optional `axis_name`: under `pmap` they average gradients over it and
 sum evaluation counts; BatchNorm statistics stay per device, like the original's
@@ -87,6 +88,7 @@ def create_optimizer(
     lr_origin: int = 0,
 ) -> optax.GradientTransformation:
     """SGD with PyTorch semantics: g += s*sign(bn scale); g += wd*p; buf = m*buf + g.
+    With config.optimizer 'adamw': g += s*sign(scale), then AdamW (`_adamw`).
 
     A fresh optimizer for a stage that starts at global step `start_step`, its LR
     schedule (`stage_lr`) starting at step `lr_origin`.

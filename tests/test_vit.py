@@ -169,3 +169,30 @@ def test_the_search_draws_gate_masks_and_detects_when_they_settle():
     np.testing.assert_array_equal(
         np.concatenate(search.ticket.masks), np.concatenate(gate_mask(scales, 0.5))
     )
+
+
+def test_adamw_decays_only_kernels_and_the_cosine_schedule_warms_up():
+    from eb_jax.config import default_config
+
+    config = default_config()
+    config.update(optimizer="adamw", learning_rate=1.0, weight_decay=0.1, sparsity=0.0)
+    config.update(lr_schedule="cosine", warmup_epochs=1, num_epochs=3)
+    schedule = train.stage_lr(config, 10)
+    assert [float(schedule(s)) for s in (0, 5, 10, 20, 30)] == pytest.approx(
+        [0, 0.5, 1, 0.5, 0], abs=1e-6
+    )
+    config.warmup_epochs = 0
+    tx = train.create_optimizer(config, 10)
+    params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    np.testing.assert_allclose(updates["kernel"], -0.1)  # lr 1 x decay 0.1 x weight 1
+    np.testing.assert_allclose(updates["bias"], 0.0)
+
+
+def test_label_smoothing_mixes_the_uniform_target_in():
+    logits = jnp.asarray([[2.0, 0.0, -1.0]])
+    log_p = jax.nn.log_softmax(logits)[0]
+    expected = -(0.9 * log_p[1] + 0.1 * log_p.mean())
+    got = train.cross_entropy(logits, jnp.asarray([1]), label_smoothing=0.1)
+    assert float(got) == pytest.approx(float(expected), rel=1e-6)
