@@ -196,3 +196,12 @@ def test_label_smoothing_mixes_the_uniform_target_in():
     expected = -(0.9 * log_p[1] + 0.1 * log_p.mean())
     got = train.cross_entropy(logits, jnp.asarray([1]), label_smoothing=0.1)
     assert float(got) == pytest.approx(float(expected), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["vit_quickstart", "vit_tiny_cifar10", "vit_s16_imagenet"])
+def test_vit_configs_load_and_validate(name):
+    from eb_jax.config import load_config
+
+    config = load_config(name)
+    validate(config, 1)
+    assert config.optimizer == "adamw" and config.lr_schedule == "cosine"
