@@ -4,7 +4,9 @@
 
 The ticket is drawn from gates on the attention heads (per block) and the MLP neurons
 (globally), cut out, and retrained (docs/method.md, "ViT tickets"). AdamW with a cosine
-schedule after a warm-up, as a ViT is trained; no augmentation.
+schedule after a warm-up, as a ViT is trained; no augmentation. Measured (README): the
+ticket emerges after epoch 10 of 40 and retrains to 91.7 % test accuracy at 0.56x the
+training FLOPs of the same config with --config.method=dense (92.2 %).
 """
 
 from eb_jax.config import default_config
