@@ -5,6 +5,7 @@ Config files in `configs/` start from `default_config()` and override what diffe
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -12,6 +13,7 @@ import ml_collections
 
 from eb_jax import lowp, methods, names
 from eb_jax.data import DATASETS, DataError, dali
+from eb_jax.models import MODELS, ViT
 from eb_jax.ticket import EarlyBirdDetector
 
 
@@ -37,10 +39,21 @@ def default_config() -> ml_collections.ConfigDict:
     # named in sparsity_stages; 0 disables
     c.sparsity_stages = ("search",)  # of 'dense', 'search', 'retrain', 'masked', 'soft'
     c.seed = 0
+    _optimizer_fields(c)
     _method_fields(c)
     _number_format_fields(c)
     _runtime_fields(c)
     return c
+
+
+def _optimizer_fields(c: ml_collections.ConfigDict) -> None:
+    """Beyond the paper's SGD and step schedule: the transformer recipe's choices."""
+    c.optimizer = "sgd"  # or 'adamw' (weight_decay x learning rate; kernels only)
+    c.adam_betas = (0.9, 0.999)
+    c.grad_clip_norm = 0.0  # 'adamw': clip the global gradient norm; 0: off
+    c.lr_schedule = "step"  # 'step' (lr_boundaries, lr_decay) or 'cosine' (to 0 at num_epochs)
+    c.warmup_epochs = 0  # 'cosine': linear warm-up from 0 over these epochs
+    c.label_smoothing = 0.0
 
 
 def _method_fields(c: ml_collections.ConfigDict) -> None:
@@ -198,6 +211,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ConfigError("checkpoints_to_keep must be >= 1 and checkpoint_every_steps >= 0")
     _check_method(config)
     _check_number_formats(config)
+    _check_optimizer(config)
+    _check_model(config)
     try:
         methods.check(config)
     except ValueError as e:
@@ -261,3 +276,36 @@ def _check_number_formats(config) -> None:
         raise ConfigError(
             f"swa_start_epoch={config.swa_start_epoch} must be in [0, num_epochs) (0: no SWA)"
         )
+
+
+def _check_optimizer(config) -> None:
+    choices = {"optimizer": ("sgd", "adamw"), "lr_schedule": ("step", "cosine")}
+    for field, allowed in choices.items():
+        if config[field] not in allowed:
+            raise ConfigError(f"{field}={config[field]!r} must be one of {allowed}")
+    if not 0 <= config.warmup_epochs < config.num_epochs:
+        raise ConfigError(f"warmup_epochs={config.warmup_epochs} must be in [0, num_epochs)")
+    if not 0 <= config.label_smoothing < 1 or config.grad_clip_norm < 0:
+        raise ConfigError("label_smoothing must be in [0, 1) and grad_clip_norm >= 0")
+    quantized = "bfp8" in (config.precision.search, config.precision.retrain)
+    if config.optimizer == "adamw" and quantized:
+        raise ConfigError("precision 'bfp8' quantises SGD's momentum; use optimizer='sgd'")
+
+
+def _check_model(config) -> None:
+    reason = model_refuses(config)
+    if reason:
+        raise ConfigError(reason)
+
+
+def model_refuses(config) -> str | None:
+    """Why the config's model cannot run it, or None: a ViT takes no bfp8 (it quantises
+    conv activations) and no conv-filter criterion (ThiNet, SFP)."""
+    model = MODELS.get(config.model)
+    if not (isinstance(model, functools.partial) and issubclass(model.func, ViT)):
+        return None
+    if "bfp8" in (config.precision.search, config.precision.retrain):
+        return f"model {config.model!r} takes precision 'fp32' or 'bf16', not 'bfp8'"
+    if config.method in (names.THINET, names.SFP):
+        return f"method {config.method!r} prunes conv filters; a ViT runs eb, ns, lt, snip, dense"
+    return None

@@ -9,6 +9,10 @@ images, times epochs, per stage.
 The layers are found by tracing the model once at batch 1 (no compilation): its Conv,
 Dense and BatchNorm modules are intercepted with their shapes, and ReLU and pooling are
 read off the traced program. Any eb_jax model, dense or cut, is counted by the same code.
+A module with a `flops(inputs, out)` method (the ViT's attention, LayerNorm, GELU and
+gates) counts itself; a model whose modules count all their element-wise work
+(`ELEMENTWISE_IN_MODULES`) is not read off the program, whose reductions are then its
+LayerNorms' and softmaxes', not pooling.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from eb_jax.models import layers
 
 @dataclasses.dataclass(frozen=True)
 class Cost:
-    """Forward cost of one image: FLOPs (original convention), MACs (conv + linear
-    multiply-adds only) and the number of parameters (BN running statistics excluded)."""
+    """Forward cost of one image: FLOPs (original convention), MACs (conv, linear and
+    attention multiply-adds only) and the number of parameters (BN running statistics excluded)."""
 
     flops: int
     macs: int
@@ -52,7 +56,8 @@ def forward_cost(model: nn.Module, input_shape, weight_mask=None) -> Cost:
         if weight_mask is None:
             return macs
         mask = np.asarray(weight_mask[module.name]["kernel"])
-        return out.size // out.shape[-1] * int(mask.sum())
+        outputs = int(np.prod(getattr(module, "features", out.shape[-1])))
+        return out.size // outputs * int(mask.sum())
 
     def count_module(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
@@ -70,6 +75,17 @@ def forward_cost(model: nn.Module, input_shape, weight_mask=None) -> Cost:
             counts["macs"] += macs
             counts["nonzero_macs"] += kept(module, out, macs)
             counts["flops"] += 2 * macs + (out.size if module.use_bias else 0)
+        elif isinstance(module, nn.DenseGeneral):
+            axes = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+            macs = int(np.prod([inputs.shape[a] for a in axes])) * out.size
+            counts["macs"] += macs
+            counts["nonzero_macs"] += kept(module, out, macs)
+            counts["flops"] += 2 * macs + (out.size if module.use_bias else 0)
+        elif hasattr(module, "flops"):
+            flops, macs = module.flops(inputs, out)
+            counts["flops"] += flops
+            counts["macs"] += macs
+            counts["nonzero_macs"] += macs
         elif isinstance(module, layers.BatchNorm):
             counts["flops"] += 2 * inputs.size + (out.size if module.relu else 0)  # fused ReLU
         return out
@@ -79,7 +95,8 @@ def forward_cost(model: nn.Module, input_shape, weight_mask=None) -> Cost:
             return model.apply(v, x, train=False)
 
     jaxpr = jax.make_jaxpr(forward)(variables, x)
-    counts["flops"] += _activation_and_pool_flops(jaxpr.jaxpr)
+    if not getattr(model, "ELEMENTWISE_IN_MODULES", False):
+        counts["flops"] += _activation_and_pool_flops(jaxpr.jaxpr)
     params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
     nonzero = counts["nonzero_macs"] if weight_mask is not None else None
     return Cost(flops=counts["flops"], macs=counts["macs"], params=params, nonzero_macs=nonzero)

@@ -24,7 +24,7 @@ from eb_jax.models import bn_scales, model_widths, widths_from_json
 from eb_jax.runlog import MetricWriter, logger
 from eb_jax.ticket import EarlyBirdDetector
 from eb_jax.ticket.export import save_ticket
-from eb_jax.ticket.search import TicketSearch
+from eb_jax.ticket.search import TicketSearch, mask_function
 from eb_jax.trainer import (
     ENERGY_FILE,
     Clock,
@@ -169,7 +169,9 @@ def _new_search(config, steps, model, input_shape) -> TicketSearch | None:
     detector = EarlyBirdDetector(config.eb_window, config.eb_eps, config.eb_rule)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))
     sizes = [s.shape[0] for s in bn_scales(model, shapes["params"])]
-    return TicketSearch(config.monitor_ratios, config.prune_ratio, detector, sizes)
+    return TicketSearch(
+        config.monitor_ratios, config.prune_ratio, detector, sizes, mask_function(model)
+    )
 
 
 def _start_or_resume(config, steps, data, dense_model, checkpointer, writer, workdir):

@@ -1,4 +1,5 @@
-"""Training state, the optimizer (PyTorch SGD semantics), and the pure train/eval steps.
+"""Training state, the optimizer (PyTorch SGD semantics, or AdamW), and the pure train/eval
+steps.
 
 The steps take an optional `axis_name`: under `pmap` they average gradients over it and
 sum evaluation counts; BatchNorm statistics stay per device, like the original's
@@ -30,12 +31,25 @@ def lr_schedule(base_lr: float, boundaries_epochs, decay: float, steps_per_epoch
     )
 
 
+def cosine_schedule(base_lr: float, warmup_epochs: int, epochs: int, steps_per_epoch: int):
+    """Linear warm-up from 0 over `warmup_epochs`, then a cosine decay to 0 at `epochs`."""
+    warmup = warmup_epochs * steps_per_epoch
+    return optax.warmup_cosine_decay_schedule(
+        0.0, base_lr, warmup, max(epochs * steps_per_epoch, warmup + 1), 0.0
+    )
+
+
 def stage_lr(config, steps_per_epoch: int, lr_origin: int = 0):
     """The learning rate at each global step of a stage whose schedule starts at step
     `lr_origin`: the one source the optimizer and the logged learning rate read."""
-    schedule = lr_schedule(
-        config.learning_rate, config.lr_boundaries, config.lr_decay, steps_per_epoch
-    )
+    if config.lr_schedule == "cosine":
+        schedule = cosine_schedule(
+            config.learning_rate, config.warmup_epochs, config.num_epochs, steps_per_epoch
+        )
+    else:
+        schedule = lr_schedule(
+            config.learning_rate, config.lr_boundaries, config.lr_decay, steps_per_epoch
+        )
     if not lr_origin:
         return schedule
     return lambda step: schedule(step - lr_origin)
@@ -74,6 +88,7 @@ def create_optimizer(
     lr_origin: int = 0,
 ) -> optax.GradientTransformation:
     """SGD with PyTorch semantics: g += s*sign(bn scale); g += wd*p; buf = m*buf + g.
+    With config.optimizer 'adamw': g += s*sign(scale), then AdamW (`_adamw`).
 
     A fresh optimizer for a stage that starts at global step `start_step`, its LR
     schedule (`stage_lr`) starting at step `lr_origin`.
@@ -89,6 +104,8 @@ def create_optimizer(
     parts = []
     if sparsity:
         parts.append(add_bn_sparsity(sparsity))
+    if config.optimizer == "adamw":
+        return optax.chain(*parts, _adamw(config, schedule))
     fmt = precision.bfp
     if precision.quantized:
         parts.append(lowp.quantize_gradients(fmt.gradient_bits, config.seed, fmt.stochastic))
@@ -101,6 +118,16 @@ def create_optimizer(
         parts.append(optax.scale_by_learning_rate(schedule))
     else:
         parts.append(optax.sgd(schedule, momentum=config.momentum or None, nesterov=False))
+    return optax.chain(*parts)
+
+
+def _adamw(config, schedule) -> optax.GradientTransformation:
+    """AdamW (decay = weight_decay x learning rate, on the kernels and embeddings only:
+    no biases, norms or gates, as DeiT), after clipping the global gradient norm."""
+    b1, b2 = config.adam_betas
+    decayed = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+    parts = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm else []
+    parts.append(optax.adamw(schedule, b1, b2, weight_decay=config.weight_decay, mask=decayed))
     return optax.chain(*parts)
 
 
@@ -124,8 +151,12 @@ def create_train_state(model, rng, input_shape, tx, apply_fn=None) -> TrainState
     )
 
 
-def cross_entropy(logits, labels):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+    """Mean cross-entropy; with `label_smoothing` e the targets are (1 - e) one-hot + e / C."""
+    if not label_smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean()
 
 
 def train_step(
@@ -135,8 +166,9 @@ def train_step(
     axis_name: str | None = None,
     precision: lowp.Precision = lowp.FP32,
     seed: int = 0,
+    label_smoothing: float = 0.0,
 ):
-    """One SGD step on `batch` ({'image', 'label'}); returns the new state and metrics.
+    """One optimizer step on `batch` ({'image', 'label'}); returns the new state and metrics.
 
     `weight_mask` (a params-shaped tree of bools, or None): the masked-out weights get no
     gradient, so neither weight decay nor momentum moves them, and are set to exactly 0
@@ -158,7 +190,7 @@ def train_step(
             mutable=["batch_stats"],
             rngs=rngs,
         )
-        return cross_entropy(logits, batch["label"]), (logits, updates)
+        return cross_entropy(logits, batch["label"], label_smoothing), (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     if axis_name is not None:

@@ -123,7 +123,10 @@ class Trainer:
         self.lr = train.stage_lr(run.config, run.steps_per_epoch, plan.lr_origin)  # the one source
         self.marks = resume.marks or _stage_start_marks(self)
         step_fn = functools.partial(
-            train.train_step, precision=model.precision, seed=run.config.seed
+            train.train_step,
+            precision=model.precision,
+            seed=run.config.seed,
+            label_smoothing=run.config.label_smoothing,
         )
         self.p_train = parallel.pmap_step(step_fn)
         self.p_eval = parallel.pmap_step(train.eval_step, donate_state=False)

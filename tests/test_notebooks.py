@@ -9,7 +9,13 @@ from nbclient import NotebookClient
 pytestmark = pytest.mark.slow  # end-to-end runs: pytest -m 'not slow' skips them
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EPOCHS = {"quickstart": 8, "mask_distance": 8, "surgery": 2, "reproduce_paper": 4}
+EPOCHS = {
+    "quickstart": 8,
+    "mask_distance": 8,
+    "surgery": 2,
+    "reproduce_paper": 4,
+    "vit_early_bird": 8,
+}
 
 
 @pytest.mark.parametrize("name", sorted(EPOCHS))

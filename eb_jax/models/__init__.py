@@ -14,6 +14,7 @@ from eb_jax.lowp import FP32, Precision
 from eb_jax.models.preresnet import PreResNet
 from eb_jax.models.resnet import ResNet
 from eb_jax.models.vgg import VGG, VGG_CFGS
+from eb_jax.models.vit import ViT
 
 MODELS = {
     "vgg11": functools.partial(VGG, cfg=VGG_CFGS[11]),
@@ -32,6 +33,18 @@ MODELS = {
     "resnet_tiny_bottleneck": functools.partial(
         ResNet, block="bottleneck", stage_sizes=(1, 1, 1, 1), base_width=4
     ),
+    # ViT-Ti/S/B-16 for 224x224 ImageNet; a ViT for 32x32 CIFAR (4x4 patches); the ViT
+    # quickstart's for 8x8 digits (2x2 patches); a tiny one for tests.
+    "vit_ti16": functools.partial(ViT, hidden=192, depth=12, num_heads=3, mlp_dim=768),
+    "vit_s16": functools.partial(ViT, hidden=384, depth=12, num_heads=6, mlp_dim=1536),
+    "vit_b16": functools.partial(ViT, hidden=768, depth=12, num_heads=12, mlp_dim=3072),
+    "vit_cifar": functools.partial(
+        ViT, patch_size=4, hidden=192, depth=6, num_heads=3, mlp_dim=768
+    ),
+    "vit_digits": functools.partial(
+        ViT, patch_size=2, hidden=64, depth=4, num_heads=4, mlp_dim=128
+    ),
+    "vit_tiny": functools.partial(ViT, patch_size=4, hidden=16, depth=2, num_heads=2, mlp_dim=16),
 }
 
 

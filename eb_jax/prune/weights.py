@@ -56,7 +56,7 @@ def snip_mask(model, variables: dict, batches, ratio: float) -> dict:
     grad_fn = jax.jit(jax.grad(_loss, argnums=1), static_argnums=0)
     total, count = None, 0
     for batch in batches:
-        grads = grad_fn(model, variables["params"], variables["batch_stats"], batch)
+        grads = grad_fn(model, variables["params"], variables.get("batch_stats", {}), batch)
         total = grads if total is None else jax.tree.map(jnp.add, total, grads)
         count += 1
     if not count:

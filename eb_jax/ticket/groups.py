@@ -16,6 +16,7 @@ import numpy as np
 from eb_jax.models.preresnet import PreResNet
 from eb_jax.models.resnet import ResNet
 from eb_jax.models.vgg import VGG
+from eb_jax.models.vit import ViT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,10 @@ def channel_groups(model, prune_residual: bool = False) -> list[Group]:
         return _preresnet_groups(model)
     if isinstance(model, ResNet):
         return _resnet_groups(model, prune_residual)
+    if isinstance(model, ViT):
+        from eb_jax.ticket import vit_groups  # it builds on Group
+
+        return vit_groups.vit_groups(model)
     raise ValueError(f"no channel coupling is declared for {type(model).__name__}")
 
 
@@ -71,6 +76,10 @@ def narrow_widths(model, kept: dict) -> dict:
     if isinstance(model, VGG):
         counts = iter(len(kept[("conv", i)]) for i in range(len(model.conv_widths())))
         return {"cfg": tuple(c if c == "M" else next(counts) for c in model.cfg)}
+    if isinstance(model, ViT):
+        from eb_jax.ticket import vit_groups
+
+        return vit_groups.narrow_widths(model, kept)
     if isinstance(model, PreResNet):
         n = len(model.block_names())
         return {

@@ -12,9 +12,11 @@ import os
 
 import numpy as np
 
+from eb_jax.models.vit import ViT
 from eb_jax.runlog import write_json
 from eb_jax.ticket.early_bird import EarlyBirdDetector
 from eb_jax.ticket.masks import channel_mask, flatten_mask, mask_distance
+from eb_jax.ticket.vit_groups import gate_mask
 
 
 @dataclasses.dataclass
@@ -41,10 +43,19 @@ class Ticket:
         return cls(record["ratio"], record["epoch"], record["emerged"], masks)
 
 
+def mask_function(model):
+    """How the ticket masks of `model` are drawn from its scales (ViT: its gates' rule)."""
+    return gate_mask if isinstance(model, ViT) else channel_mask
+
+
 class TicketSearch:
     """Detectors for `ratios` side by side; `target` is the ratio the run trains for."""
 
-    def __init__(self, ratios, target: float, detector: EarlyBirdDetector, layer_sizes):
+    def __init__(
+        self, ratios, target: float, detector: EarlyBirdDetector, layer_sizes, mask_fn=channel_mask
+    ):
+        """`mask_fn(scales, ratio)`: the per-layer masks (`mask_function(model)`)."""
+        self.mask_fn = mask_fn
         self.ratios = sorted(set(ratios) | {target})
         self.target = target
         self.detector = detector
@@ -61,7 +72,7 @@ class TicketSearch:
         report = {}
         self.epochs.append(epoch)
         for ratio in self.ratios:
-            masks = [np.asarray(m) for m in channel_mask(scales, ratio)]
+            masks = [np.asarray(m) for m in self.mask_fn(scales, ratio)]
             self.states[ratio], emerged, distances = self.detector.update(self.states[ratio], masks)
             self.history[ratio].append(flatten_mask(masks))
             if emerged and ratio not in self.detected:

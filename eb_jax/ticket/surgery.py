@@ -16,6 +16,8 @@ import jax
 import numpy as np
 
 from eb_jax.models import bn_scales
+from eb_jax.models.vit import ViT
+from eb_jax.ticket import vit_groups
 from eb_jax.ticket.groups import Group, channel_groups, current_selection, narrow_widths
 
 
@@ -77,6 +79,8 @@ def apply_cut(model, variables: dict, plan: CutPlan):
     # tree.map builds new dicts, so the slicing below leaves `variables` untouched.
     params = jax.tree.map(np.asarray, dict(variables["params"]))
     stats = jax.tree.map(np.asarray, dict(variables.get("batch_stats", {})))
+    if isinstance(model, ViT):
+        params = vit_groups.fold_gates(model, params)
     for group in plan.groups:
         kept = plan.kept[group.key]
         width = params[group.bns[0]]["scale"].shape[0]
@@ -84,7 +88,7 @@ def apply_cut(model, variables: dict, plan: CutPlan):
         if not group.select:
             for bn in group.bns:
                 for tree, leaves in ((params, ("scale", "bias")), (stats, ("mean", "var"))):
-                    for leaf in leaves:
+                    for leaf in (leaf for leaf in leaves if leaf in tree.get(bn, {})):
                         tree[bn][leaf] = np.take(tree[bn][leaf], kept, axis=0)
         for module, leaf, axis in group.cuts:
             params[module][leaf] = np.take(params[module][leaf], positions, axis=axis)
