@@ -50,6 +50,13 @@ def sum_over_processes(value: float) -> float:
     return float(np.sum(multihost_utils.process_allgather(np.float64(value))))
 
 
+def gather_over_processes(array: np.ndarray) -> np.ndarray:
+    """Every process's `array`, stacked [process, ...] (every process must call it)."""
+    if jax.process_count() == 1:
+        return np.asarray(array)[None]
+    return np.asarray(multihost_utils.process_allgather(np.asarray(array)))
+
+
 def process_zero_says(flag: bool) -> bool:
     """Process 0's `flag` on every process (a decision taken from its filesystem view)."""
     if jax.process_count() == 1:
