@@ -450,9 +450,9 @@ class EnergyClock:
     def write_note(self) -> None:
         """This process's note: the newest checkpoint's step, reading and wall time, what
         this process drew since (joules per channel, seconds), and the run's waste."""
+        local = self.meter.joules()  # the sample that catches every wrap
         if self.note is None:
             return
-        local = self.meter.joules()
         with self._lock:
             mark = self._mark
             note = {k: mark[k] for k in ("step", "run", "wall_s")}
