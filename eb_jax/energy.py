@@ -120,6 +120,13 @@ class Meter:
             self._sample()
             return {c: self.channels[c].joules for c in CHANNELS}
 
+    def zero(self) -> None:
+        """Counts from now (the run's clock starts)."""
+        with self.lock:
+            self._sample()
+            for channel in self.channels.values():
+                channel.joules, channel.lost = 0.0, 0
+
     def _sample(self) -> None:
         for channel in self.channels.values():
             channel.sample()
@@ -419,6 +426,7 @@ class EnergyClock:
         self.before, self.gather, self.note = before, gather, note
         self.wasted = wasted or {ACCELERATOR: 0.0, HOST: 0.0, "seconds": 0.0}
         self._lock = threading.Lock()
+        self.meter.zero()
         self.checkpointed(*(mark or (-1, before, 0.0)))
 
     def reading(self) -> dict:

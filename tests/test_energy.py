@@ -5,8 +5,6 @@ an injected meter, across a resume and kills."""
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -19,7 +17,6 @@ from eb_jax import energy, pipeline, report
 from eb_jax.energy import ACCELERATOR, HOST, Device
 from eb_jax.trainer import Trainer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WATTS = 100.0
 GPU_A, GPU_B = "0000:3B:00.0", "0000:86:00.0"
 
@@ -275,52 +272,40 @@ def test_the_sampling_thread_keeps_the_note_current(tmp_path):
     )
 
 
-SOME_SCRIPT = """
-import sys
-import jax
-from eb_jax import energy, parallel
-from test_energy import FakeNVML, GPU_A, _socket
-import pathlib
-jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
-first = jax.process_index() == 0
-root = pathlib.Path(sys.argv[3]) / str(jax.process_index())
-if first:
-    _socket(root)
-nvml = FakeNVML(**{GPU_A: {"mj": 5}}) if first else FakeNVML()
-meter = energy.open_meter([energy.Device("gpu", GPU_A)], str(root), nvml, None)
-clock = energy.EnergyClock(meter, gather=parallel.gather_over_processes)
-for _ in range(3):
-    reading = clock.reading()
-print("host", reading["host"]["j"], "|", reading["host"]["why"])
-print("gpu", reading["accelerator"]["j"], "|", reading["accelerator"]["why"])
-"""
-
-
-@pytest.mark.slow
-def test_processes_that_read_different_things_never_hang(tmp_path):
-    """Two real processes: process 0 reads a GPU and RAPL, process 1 neither; both
-    gather every time, and the n/a figures name process 1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tests"), JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", SOME_SCRIPT, address, str(i), str(tmp_path)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
+def test_processes_that_read_different_things_gather_alike_and_never_hang(tmp_path):
+    """Two processes (threads, their all-gather a barrier that breaks if one skips it):
+    process 0 reads a GPU and RAPL, process 1 neither; the n/a figures name process 1."""
+    _socket(tmp_path)
+    meters = [
+        energy.open_meter([Device("gpu", GPU_A)], str(tmp_path), FakeNVML(**{GPU_A: {}})),
+        energy.open_meter([Device("gpu", GPU_A)], str(tmp_path / "none"), FakeNVML()),
     ]
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs
-    for out in outputs:
-        assert "host None | process 1: no RAPL" in out
-        assert "gpu None | process 1: NVML has no GPU at PCI bus id 0000:3B:00.0" in out
+    rows, barrier, readings = [None, None], threading.Barrier(2, timeout=5), [[], []]
+
+    def process(i):
+        def gather(row):
+            rows[i] = row
+            barrier.wait()  # both rows in
+            gathered = np.stack(rows)
+            barrier.wait()  # both read
+            return gathered
+
+        clock = energy.EnergyClock(meters[i], gather=gather)
+        readings[i] += [clock.reading() for _ in range(3)]
+
+    threads = [threading.Thread(target=process, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(readings[0]) == len(readings[1]) == 3 and readings[0] == readings[1]
+    accelerator, host = readings[0][-1][ACCELERATOR], readings[0][-1][HOST]
+    assert accelerator["j"] is None and host["j"] is None
+    assert (
+        accelerator["why"]
+        == "process 1: NVML has no GPU at PCI bus id 0000:3B:00.0 (a JAX device's)"
+    )
+    assert host["why"].startswith("process 1: no RAPL")
 
 
 def test_the_report_cli_says_why_energy_is_na(tmp_path, capsys, monkeypatch):
