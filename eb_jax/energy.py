@@ -197,11 +197,13 @@ def _nvml_source(devices: list[Device], nvml) -> tuple[Source | None, str]:
             import pynvml as nvml
         except ImportError:
             return None, "no NVML on this GPU run (nvidia-ml-py is not installed)"
+    if any(d.bus_id is None for d in devices):
+        return None, "no PCI bus id for JAX's GPUs from the CUDA driver (not NVIDIA GPUs?)"
     try:
         nvml.nvmlInit()
         by_bus = {_bus_key(_text(nvml.nvmlDeviceGetPciInfo(h).busId)): h for h in _handles(nvml)}
         buses = list(dict.fromkeys(_bus_key(d.bus_id) for d in devices))
-        if None in buses or not set(buses) <= set(by_bus):
+        if not set(buses) <= set(by_bus):
             missing = [d.bus_id for d in devices if _bus_key(d.bus_id) not in by_bus]
             return None, f"NVML has no GPU at PCI bus id {missing[0]} (a JAX device's)"
         handles = [by_bus[b] for b in buses]
@@ -278,14 +280,14 @@ def _cuda_bus_id(ordinal: int) -> str | None:
 
 
 def host_key() -> int:
-    """The same number on every process of one host (hostname and boot)."""
-    boot = ""
+    """The same number on every process of one machine: its kernel's boot id (shared by
+    containers on one machine, whose RAPL counters are the same), else its hostname."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
     except OSError:
-        pass
-    digest = hashlib.sha256(f"{socket.gethostname()} {boot}".encode()).digest()
+        boot = socket.gethostname()
+    digest = hashlib.sha256(boot.encode()).digest()
     return int.from_bytes(digest[:7], "little")
 
 

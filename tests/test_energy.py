@@ -161,6 +161,12 @@ def test_an_accelerator_without_its_own_counter_is_na_and_the_host_stays_apart(
         assert why in record["why_not"]
 
 
+def test_this_machine_runs_jax_on_the_cpu_so_the_host_figure_is_shown(tmp_path):
+    assert {d.platform for d in energy.jax_devices()} == {"cpu"}
+    meter = energy.open_meter(rapl_root=str(tmp_path), nvml=FakeNVML(**{GPU_A: {}}))
+    assert meter.counted == HOST and meter.name(ACCELERATOR) is None
+
+
 def test_a_gpu_run_without_nvml_is_na_not_the_hosts_rapl(tmp_path, monkeypatch):
     _socket(tmp_path)
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml -> ImportError
