@@ -480,7 +480,9 @@ def resumed_clock(meter, saved, step: int, wall_s: float, note: str, gather=None
     energy record is `saved` (None: none, or an older eb_jax's) and wall time `wall_s`.
     The checkpoint's reading goes on; what killed processes drew after it (their notes,
     summed over the processes) is added to the waste, every earlier kill's kept."""
-    before = saved["reading"] if saved else None if step < 0 else unknown("an older checkpoint")
+    before = saved["reading"] if saved else None
+    if saved is None and step >= 0:
+        before = unknown("the checkpoint is from an older eb_jax")
     wasted = dict(saved["wasted"]) if saved else None
     row = _note_row(_read_note(note), before, step, wall_s)
     rows = row[None] if gather is None else gather(row)

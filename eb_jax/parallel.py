@@ -43,13 +43,6 @@ def check_replicas_same_on_all_processes(replicated, what: str) -> None:
         check_same_on_all_processes(digest, what)
 
 
-def sum_over_processes(value: float) -> float:
-    """The sum of `value` over the run's processes (each measured its own devices)."""
-    if jax.process_count() == 1:
-        return value
-    return float(np.sum(multihost_utils.process_allgather(np.float64(value))))
-
-
 def gather_over_processes(array: np.ndarray) -> np.ndarray:
     """Every process's `array` (of 4- or 8-byte values), stacked [process, ...]; every
     process must call it. 8-byte values travel as pairs of int32 words, exact (JAX
