@@ -442,7 +442,9 @@ class EnergyClock:
         self.meter.start(seconds, self.write_note)
 
     def close(self) -> None:
+        """Stops sampling; a last note (a process killed outright keeps its newest)."""
         self.meter.close()
+        self.write_note()
 
     def checkpointed(self, step: int, reading: dict | None, wall_s: float) -> None:
         """A checkpoint of `step` holds the run's `reading` and wall time: the note

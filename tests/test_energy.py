@@ -405,20 +405,31 @@ def test_a_run_reports_joules_per_epoch_and_stage(tmp_path, data_dir, hundred_wa
     )
 
 
+@pytest.fixture
+def joule_per_step(monkeypatch):
+    """A GPU's meter that counts one joule per training step: exact totals."""
+    drawn, step = Joules(), Trainer._step
+
+    def counted(self, batch):
+        step(self, batch)
+        drawn.j += 1.0
+
+    monkeypatch.setattr(Trainer, "_step", counted)
+    monkeypatch.setattr(energy, "open_meter", lambda *a, **k: drawn.meter())
+
+
 @pytest.mark.slow
-def test_energy_continues_across_a_resume_and_every_kill_is_counted_as_wasted(
-    tmp_path, data_dir, hundred_watts, interrupt_after, monkeypatch
+def test_energy_totals_are_exact_across_kills_and_every_kill_is_wasted(
+    tmp_path, data_dir, joule_per_step, interrupt_after, monkeypatch
 ):
-    # No progress lines, one checkpoint per epoch: the sampling thread keeps the note.
-    config = _config(data_dir, energy_sample_seconds=0.05)
+    config = _config(data_dir)  # 11 steps an epoch, the ticket after epoch 1; 33 steps
     interrupt_after([1])  # after epoch 1, its checkpoint written: nothing lost
     with pytest.raises(Interrupted):
         pipeline.run(config, str(tmp_path))
     step = Trainer._step
 
-    def killed_at_step_18(self, batch):  # in epoch 2; the newest checkpoint is at step 11
+    def killed_at_step_18(self, batch):  # the newest checkpoint is at step 11
         if self.step == 18:
-            time.sleep(0.2)  # a few samples after the checkpoint
             raise Interrupted
         step(self, batch)
 
@@ -427,13 +438,17 @@ def test_energy_continues_across_a_resume_and_every_kill_is_counted_as_wasted(
         with pytest.raises(Interrupted):
             pipeline.run(config, str(tmp_path))
     noted = json.loads((tmp_path / energy.NOTE_FILE).read_text())
-    assert noted["step"] == 11 and noted["wasted"][HOST] > 0  # the first kill's, kept
+    assert noted["step"] == 11 and noted["wasted"][ACCELERATOR] == 7.0  # the first kill's
     monkeypatch.setattr(Trainer, "_step", step)
     record = pipeline.run(config, str(tmp_path))
-    _check_sums(tmp_path, record)
-    wasted, seconds = record["energy"]["wasted_kj"], record["energy"]["wasted_s"]
-    assert seconds > noted["wasted"]["seconds"] + 0.15  # the second kill's added to the first's
-    assert wasted * 1e3 / seconds == pytest.approx(WATTS, rel=0.1)
+    figure = record["energy"]
+    assert figure["counted"] == ACCELERATOR and figure["host"]["why_not"] == "none"
+    assert figure["total_kj"] * 1e3 == pytest.approx(33, abs=1e-9)
+    assert figure["wasted_kj"] * 1e3 == pytest.approx(14, abs=1e-9)  # steps 11-17, twice
+    assert figure["wasted_s"] > 0
+    assert [s["accelerator_energy_kj"] * 1e3 for s in record["stages"]] == [11, 22]
+    epochs = [e["energy/accelerator_joules"] for e in _epochs(tmp_path)]
+    assert epochs == [11.0] * 3
 
 
 @pytest.mark.slow
