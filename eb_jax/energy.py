@@ -4,9 +4,9 @@
   this process's JAX devices run on, found by PCI bus id (so CUDA_VISIBLE_DEVICES order,
   UUIDs and MIG ids cannot send it to another GPU); n/a with the reason on a TPU, a MIG
   slice, a GPU without the counter, or when JAX runs on the CPU.
-- HOST: Linux's powercap RAPL counters, every CPU package plus its DRAM (never `psys`,
-  which contains them, nor the `core`/`uncore` subzones inside a package), read by one
-  process per host.
+- HOST: Linux's powercap RAPL counters, every CPU package plus its DRAM (never added to
+  `psys`, which contains them, nor the `core`/`uncore` subzones inside a package), read by
+  one process per host.
 
 `open_meter()` builds this process's `Meter`; a background thread samples it every few
 seconds so that no RAPL wrap-around is missed between reads. A read error (an NVML
@@ -299,31 +299,39 @@ def host_reader(keys: np.ndarray, process_index: int) -> int | None:
 
 
 def _rapl_source(root: str) -> tuple[Source | None, str]:
-    """The packages' and DRAM zones' counters; psys and package subzones left out."""
+    """The RAPL zones' counters (`_rapl_zones`), or why they cannot be read."""
     tops = sorted(glob.glob(os.path.join(root, "intel-rapl:*")))
-    tops = [z for z in tops if os.path.basename(z).count(":") == 1]
-    if not tops:
-        return None, f"no RAPL ({root} has no intel-rapl zones)"
-    zones = []
-    for top in tops:
-        if _read_text(os.path.join(top, "name")).startswith(("package", "dram")):
-            zones.append(top)
-        for sub in sorted(glob.glob(os.path.join(top, os.path.basename(top) + ":*"))):
-            if _read_text(os.path.join(sub, "name")) == "dram":
-                zones.append(sub)
+    zones = _rapl_zones([z for z in tops if os.path.basename(z).count(":") == 1])
     if not zones:
-        return None, "no RAPL package or DRAM zone (only psys: it cannot be split)"
-    try:
-        ranges = [_read_int(os.path.join(z, "max_energy_range_uj")) / 1e6 for z in zones]
-        _read_int(os.path.join(zones[0], "energy_uj"))
-    except (OSError, ValueError) as e:
-        return None, f"RAPL not readable ({getattr(e, 'strerror', e)}: {zones[0]}; root only)"
-    names = [_read_text(os.path.join(z, "name")) for z in zones]
+        return None, f"no RAPL ({root} has no intel-rapl package, DRAM or psys zones)"
 
     def read() -> list[float]:
         return [_read_int(os.path.join(z, "energy_uj")) / 1e6 for z in zones]
 
+    try:
+        ranges = [_read_int(os.path.join(z, "max_energy_range_uj")) / 1e6 for z in zones]
+        read()
+    except (OSError, ValueError) as e:
+        why = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) else str(e)
+        return None, f"RAPL not readable ({why}; usually root only)"
+    names = [_read_text(os.path.join(z, "name")) for z in zones]
     return Source(f"rapl ({', '.join(names)})", read, ranges), ""
+
+
+def _rapl_zones(tops: list[str]) -> list[str]:
+    """Every package zone and its DRAM subzone (never `core`/`uncore`, inside the package);
+    only where there are none, `psys` (it contains them: one or the other)."""
+    zones, psys = [], []
+    for top in tops:
+        name = _read_text(os.path.join(top, "name"))
+        if name.startswith(("package", "dram")):
+            zones.append(top)
+        elif name == "psys":
+            psys.append(top)
+        for sub in sorted(glob.glob(os.path.join(top, os.path.basename(top) + ":*"))):
+            if _read_text(os.path.join(sub, "name")) == "dram":
+                zones.append(sub)
+    return zones or psys
 
 
 def _read_int(path: str) -> int:

@@ -106,16 +106,16 @@ def test_several_rapl_wraps_between_reads_are_counted_by_the_sampling_thread(tmp
     assert _reading(meter)[HOST]["j"] - start == pytest.approx(32.0 + 0.002)
 
 
-def test_psys_alone_or_unreadable_rapl_says_why(tmp_path):
+def test_psys_alone_is_counted_and_unreadable_rapl_says_why(tmp_path):
     (tmp_path / "a").mkdir()
     _zone(tmp_path / "a", "intel-rapl:1", "psys", 0)
-    channel = energy.Channel(*energy._rapl_source(str(tmp_path / "a")))
-    assert channel.source is None and "only psys" in channel.why
-    package, _, _ = _socket(tmp_path / "b")
-    (package / "energy_uj").unlink()
-    (package / "energy_uj").mkdir()  # unreadable, whoever we are
-    assert energy._rapl_source(str(tmp_path / "b"))[1].startswith("RAPL not readable")
-    assert "no intel-rapl zones" in energy._rapl_source(str(tmp_path / "c"))[1]
+    assert energy._rapl_source(str(tmp_path / "a"))[0].name == "rapl (psys)"
+    package, dram, _ = _socket(tmp_path / "b")
+    (dram / "energy_uj").unlink()
+    (dram / "energy_uj").mkdir()  # unreadable, whoever we are
+    source, why = energy._rapl_source(str(tmp_path / "b"))
+    assert source is None and why.startswith("RAPL not readable (Is a directory: ")
+    assert "no intel-rapl package" in energy._rapl_source(str(tmp_path / "c"))[1]
 
 
 def test_gpus_are_found_by_the_bus_ids_of_jax_devices_not_by_cuda_visible_devices(
