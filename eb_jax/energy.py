@@ -511,8 +511,8 @@ def _note_row(last: dict | None, before: dict | None, step: int, wall_s: float) 
     """[since (2 channels), seconds since; the run's part from the checkpoint to the
     note's newer one (2 channels, seconds); the note's waste (3); has a note]."""
     row = np.zeros(10)
-    if last is None or last["step"] < step:  # none, or older than the checkpoint
-        return row
+    if last is None or last["step"] < step or (step < 0 <= last["step"]):
+        return row  # none, older than the checkpoint, or a checkpointed run's (now gone)
     row[:3] = [last["since"][c] or 0.0 for c in CHANNELS] + [last["seconds"]]
     if last["step"] > step and before and last["run"]:  # its newer checkpoint is lost
         for i, c in enumerate(CHANNELS):
