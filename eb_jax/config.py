@@ -135,6 +135,7 @@ def _runtime_fields(c: ml_collections.ConfigDict) -> None:
     c.log_every_steps = 100  # progress lines within an epoch
     c.checkpoint_every_steps = 1000  # plus one at every epoch end; 0: epoch ends only
     c.checkpoints_to_keep = 3
+    c.energy_sample_seconds = 5.0  # energy counters read this often (RAPL wraps; README)
     c.async_checkpoints = True
     c.num_data_threads = 4  # threads preparing batches (in each worker process, if any)
     # Processes decoding + augmenting per-example datasets (ImageNet); -1: one per core
@@ -209,6 +210,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _check_input_backend(config)
     if config.checkpoints_to_keep < 1 or config.checkpoint_every_steps < 0:
         raise ConfigError("checkpoints_to_keep must be >= 1 and checkpoint_every_steps >= 0")
+    if not config.energy_sample_seconds > 0:
+        raise ConfigError(f"energy_sample_seconds={config.energy_sample_seconds} must be > 0")
     _check_method(config)
     _check_number_formats(config)
     _check_optimizer(config)

@@ -43,11 +43,15 @@ def check_replicas_same_on_all_processes(replicated, what: str) -> None:
         check_same_on_all_processes(digest, what)
 
 
-def sum_over_processes(value: float) -> float:
-    """The sum of `value` over the run's processes (each measured its own devices)."""
+def gather_over_processes(array: np.ndarray) -> np.ndarray:
+    """Every process's `array` (of 4- or 8-byte values), stacked [process, ...]; every
+    process must call it. 8-byte values travel as pairs of int32 words, exact (JAX
+    without x64 would round float64 to float32)."""
+    array = np.ascontiguousarray(array)
     if jax.process_count() == 1:
-        return value
-    return float(np.sum(multihost_utils.process_allgather(np.float64(value))))
+        return array[None]
+    words = np.asarray(multihost_utils.process_allgather(array.reshape(-1).view(np.int32)))
+    return words.view(array.dtype).reshape(-1, *array.shape)
 
 
 def process_zero_says(flag: bool) -> bool:

@@ -5,7 +5,6 @@ and result go to WORKDIR/report.json and a printed table.
 
 from __future__ import annotations
 
-import json
 import os
 
 import flax
@@ -18,7 +17,6 @@ from eb_jax import data as data_lib
 from eb_jax import steps as steps_lib
 from eb_jax.checkpoint import Checkpointer, check_config_matches
 from eb_jax.config import ConfigError, validate
-from eb_jax.energy import EnergyClock
 from eb_jax.methods import Stage
 from eb_jax.models import bn_scales, model_widths, widths_from_json
 from eb_jax.runlog import MetricWriter, logger
@@ -26,7 +24,6 @@ from eb_jax.ticket import EarlyBirdDetector
 from eb_jax.ticket.export import save_ticket
 from eb_jax.ticket.search import TicketSearch, mask_function
 from eb_jax.trainer import (
-    ENERGY_FILE,
     Clock,
     Resume,
     RunContext,
@@ -50,6 +47,7 @@ def run(config, workdir: str) -> dict:
     dense_model = steps_lib.build_model(config, data.num_classes)
     checkpointer = Checkpointer(workdir, config.checkpoints_to_keep, config.async_checkpoints)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    ctx = None
     try:
         ctx, index, net = _start_or_resume(
             config, steps, data, dense_model, checkpointer, writer, workdir
@@ -61,6 +59,8 @@ def run(config, workdir: str) -> dict:
                 net = steps_lib.prune(ctx, steps, step, net)
         return _report(ctx, steps, net)
     finally:
+        if ctx is not None:
+            ctx.energy.close()  # its sampling thread
         writer.close()
         checkpointer.close()
 
@@ -119,16 +119,9 @@ def _report(ctx: RunContext, steps, net: steps_lib.Network) -> dict:
 
 
 def _energy_record(ctx: RunContext, trainer: Trainer) -> dict:
-    """The run's measured energy (kJ, over every stage, restart and process), what a kill
-    threw away, and the meter; without a meter the totals are None and `why_not` says why."""
-    total = energy_now(trainer)
-    measured = total is not None
-    return {
-        "meter": ctx.energy.meter.name if measured else None,
-        "why_not": None if measured else ctx.energy.why_not,
-        "total_kj": total / 1e3 if measured else None,
-        "wasted_kj": ctx.energy.wasted_j / 1e3 if measured else None,
-    }
+    """The run's measured energy (kJ, over every stage, restart and process), accelerator
+    and host apart, what kills threw away, and the meters; an n/a total says why."""
+    return energy.summary(energy_now(trainer), ctx.energy)
 
 
 def _finish_swa(ctx: RunContext, trainer: Trainer, last: float) -> dict:
@@ -185,25 +178,22 @@ def _start_or_resume(config, steps, data, dense_model, checkpointer, writer, wor
     shape = data.spec.image_shape
     search = _new_search(config, steps, dense_model, shape)
     ctx = RunContext(config, data, workdir, checkpointer, writer, Clock(), search)
-    meter, why_not = energy.open_meter()
-    if meter is None:
-        logger.info("energy: not measured (%s)", why_not)
-    else:
-        logger.info("energy: measured by %s", meter.name)
+    meter = _open_meter()
     built = {}
     restored = checkpointer.restore(lambda meta: _restore_target(ctx, steps, meta, built))
     if restored is None:
         variables = train.init_variables(dense_model, jax.random.key(config.seed), shape)
         _save_init_for_rewind(ctx, steps, dense_model, variables)
         ctx.clock = Clock()  # the wall time counts from here: training, not start-up
-        ctx.energy = EnergyClock(meter, why_not)  # and the energy
+        ctx.energy = _energy_clock(config, meter, workdir, None, -1, 0.0)  # and the energy
         return ctx, 0, steps_lib.Network(dense_model, variables)
     step, arrays, meta = restored
     state = flax.serialization.from_state_dict(built["state"], arrays["train"])
     if search is not None and meta.get("search"):
         search.load_state_dict(arrays["search"], meta["search"])
     ctx.clock = Clock(meta["wall_time_s"], meta["compile_time_s"])
-    ctx.energy = _resumed_energy(meter, why_not, meta, workdir)
+    saved = meta.get("energy")
+    ctx.energy = _energy_clock(config, meter, workdir, saved, step, meta["wall_time_s"])
     ctx.record = {"history": meta["history"], "pruned": meta["pruned"]}
     logger.info(
         "resuming the run in %s from its checkpoint at step %d (epoch %d, stage %s)",
@@ -226,20 +216,24 @@ def _start_or_resume(config, steps, data, dense_model, checkpointer, writer, wor
     return ctx, steps.index(built["stage"]), net
 
 
-def _resumed_energy(meter, why_not: str, meta: dict, workdir: str) -> EnergyClock:
-    """The energy clock of a resumed run: the checkpoint's total goes on (counted by
-    process 0, as every process's own meter is summed), and what the killed process drew
-    after that checkpoint (energy.json, newer) is wasted."""
-    saved = meta.get("energy_j") or 0.0
-    wasted = meta.get("wasted_energy_j") or 0.0
-    path = os.path.join(workdir, ENERGY_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            last = json.load(f)
-        if last["step"] >= meta["step"] and last["energy_j"] is not None:
-            wasted += max(0.0, last["energy_j"] - saved)
-    first = jax.process_index() == 0
-    return EnergyClock(meter, why_not, saved if first else 0.0, wasted)
+def _open_meter() -> energy.Meter:
+    """This process's meter: its own devices, and its host's RAPL if it is the host's
+    first process (the processes' host keys gathered)."""
+    keys = parallel.gather_over_processes(np.array([energy.host_key()], np.int64))
+    meter = energy.open_meter(host_reader=energy.host_reader(keys[:, 0], jax.process_index()))
+    for channel in energy.CHANNELS:
+        name, why = meter.name(channel), meter.channels[channel].why
+        logger.info("energy, %s: %s", channel, f"measured by {name}" if name else f"n/a ({why})")
+    return meter
+
+
+def _energy_clock(config, meter, workdir: str, saved, step: int, wall_s: float):
+    """The run's energy clock from its checkpoint of `step` (-1: none), sampling."""
+    gather = parallel.gather_over_processes if jax.process_count() > 1 else None
+    note = energy.note_path(workdir, jax.process_index())
+    clock = energy.resumed_clock(meter, saved, step, wall_s, note, gather)
+    clock.start(config.energy_sample_seconds)
+    return clock
 
 
 def _restore_target(ctx: RunContext, steps, meta: dict, built: dict) -> dict:

@@ -122,7 +122,29 @@ def format_table(records: list[dict]) -> str:
         for row in rows
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(lines + energy_notes(records))
+
+
+def energy_notes(records: list[dict]) -> list[str]:
+    """One line per run under the table: what its kJ are (the accelerator's, or the
+    host CPU's when JAX ran on the CPU), the other figure beside them, or why n/a."""
+    lines = []
+    for r in records:
+        e = r.get("energy") or {}
+        if "counted" not in e:  # a report from before the figures were kept apart
+            if e.get("why_not"):
+                lines.append(f"{r['run']}: kJ n/a: {e['why_not']}")
+            continue
+        shown, other = e["counted"], "host" if e["counted"] == "accelerator" else "accelerator"
+        what = "GPU/accelerator" if shown == "accelerator" else "host CPU (JAX ran on the CPU)"
+        text = f"{what} energy by {e['meter']}" if e["total_kj"] is not None else "n/a"
+        if e["total_kj"] is None:
+            text += f" ({e['why_not']})"
+        part = e[other]
+        if part["total_kj"] is not None:
+            text += f"; {other} {part['total_kj']:.3g} kJ apart, by {part['meter']}"
+        lines.append(f"{r['run']}: kJ = {text}")
+    return [""] + lines if lines else []
 
 
 def _precision(record: dict) -> str:

@@ -12,7 +12,7 @@ import os
 import jax
 import numpy as np
 
-from eb_jax import cost, methods, names, parallel, platform, report, train
+from eb_jax import cost, energy, methods, names, parallel, platform, report, train
 from eb_jax import data as data_lib
 from eb_jax.checkpoint import load_model
 from eb_jax.config import ConfigError, stage_precision
@@ -143,15 +143,19 @@ def _stage_entry(ctx: RunContext, plan: StagePlan, model, epochs: int, weight_ma
 
 
 def _stage_energy(ctx: RunContext, trainer: Trainer) -> dict:
-    """The stage's measured energy (its compilation and evaluations included) and average
-    power; None where there is no meter. A bfp8 stage's is that of its fp32 simulation."""
+    """The stage's measured energy per figure (its compilation and evaluations included),
+    and the shown figure's kJ and average power; None where not measured over the whole
+    stage. A bfp8 stage's is that of its fp32 simulation."""
     now = energy_now(trainer)
-    if now is None or trainer.marks["stage_j"] is None:
-        return {"energy_kj": None, "average_watts": None}
-    joules = now - trainer.marks["stage_j"]
     seconds = ctx.clock.wall_time() - trainer.marks["stage_wall_s"]
-    entry = {"energy_kj": joules / 1e3, "average_watts": joules / max(seconds, 1e-9)}
-    if trainer.plan.precision.quantized:
+    kj = {}
+    for channel in energy.CHANNELS:
+        joules = energy.joules_between(trainer.marks["stage_j"], now, channel)
+        kj[f"{channel}_energy_kj"] = None if joules is None else joules / 1e3
+    shown = kj[f"{ctx.energy.meter.counted}_energy_kj"]  # report.json energy.counted's
+    watts = None if shown is None else shown * 1e3 / max(seconds, 1e-9)
+    entry = {"energy_kj": shown, "average_watts": watts, **kj}
+    if shown is not None and trainer.plan.precision.quantized:
         entry["energy_note"] = "measured on the fp32 simulation of bfp8, not 8-bit hardware"
     return entry
 

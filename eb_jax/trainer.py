@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import time
 
 import flax
@@ -19,14 +18,14 @@ import jax
 import numpy as np
 
 from eb_jax import data as data_lib
-from eb_jax import names, parallel, train
+from eb_jax import energy, names, parallel, train
 from eb_jax.checkpoint import config_record
 from eb_jax.data import dali
 from eb_jax.energy import EnergyClock
 from eb_jax.lowp import Precision
 from eb_jax.models import bn_scales, model_widths
 from eb_jax.prune.sfp import soft_prune
-from eb_jax.runlog import format_duration, logger, write_json
+from eb_jax.runlog import format_duration, logger
 
 
 class TrainingDiverged(RuntimeError):
@@ -73,7 +72,7 @@ class RunContext:
     clock: Clock
     search: object = None
     record: dict = dataclasses.field(default_factory=lambda: {"history": [], "pruned": None})
-    energy: EnergyClock = dataclasses.field(default_factory=lambda: EnergyClock(None, "no meter"))
+    energy: EnergyClock = dataclasses.field(default_factory=EnergyClock)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -303,12 +302,11 @@ def _checkpoint(trainer: Trainer) -> tuple[dict, dict]:
         "config": config_record(run.config),
         "wall_time_s": run.clock.wall_time(),
         "compile_time_s": run.clock.compile_s,
-        "energy_j": energy_now(trainer),
-        "wasted_energy_j": run.energy.wasted_j,
+        "energy": {"reading": energy_now(trainer), "wasted": dict(run.energy.wasted)},
         "energy_marks": trainer.marks,
         **run.record,
     }
-    _note_energy(trainer, meta["energy_j"])
+    run.energy.checkpointed(trainer.step, meta["energy"]["reading"], meta["wall_time_s"])
     if run.search is not None:
         arrays["search"], meta["search"] = run.search.state_dict()
     if trainer.swa.count:
@@ -321,9 +319,6 @@ def _checkpoint(trainer: Trainer) -> tuple[dict, dict]:
     return arrays, meta
 
 
-ENERGY_FILE = "energy.json"  # the run's energy at its newest checkpoint or progress line
-
-
 def _stage_start_marks(trainer: Trainer) -> dict:
     """The run's energy and wall time as a stage starts (its epoch's energy comes later)."""
     return {
@@ -333,35 +328,27 @@ def _stage_start_marks(trainer: Trainer) -> dict:
     }
 
 
-def _note_energy(trainer: Trainer, joules: float | None) -> None:
-    """WORKDIR/energy.json: the run's energy at this step. Written at every checkpoint and
-    progress line, it shows a resumed run what the killed one drew past its checkpoint."""
-    if joules is not None and jax.process_index() == 0:
-        record = {"step": trainer.step, "energy_j": joules}
-        write_json(os.path.join(trainer.run.workdir, ENERGY_FILE), record)
-
-
-def energy_now(trainer: Trainer) -> float | None:
-    """The run's measured joules so far over all processes, once the devices are done;
-    None without a meter."""
-    if trainer.run.energy.meter is None:
-        return None
+def energy_now(trainer: Trainer) -> dict:
+    """The run's energy reading so far over all processes, once the devices are done
+    (every process calls it at the same points, whatever its meter can read)."""
     jax.block_until_ready(trainer.state)
-    return parallel.sum_over_processes(trainer.run.energy.joules())
+    return trainer.run.energy.reading()
 
 
-def _epoch_energy(trainer: Trainer, entry_j: float | None, entry_t: float) -> dict:
-    """The epoch's joules (from its first step; a resumed epoch's earlier part included)
-    and the average watts of this process's part of it (since `entry_j` at `entry_t`);
-    {} without a meter."""
-    now = energy_now(trainer)
-    seconds = time.perf_counter() - entry_t
-    if now is None or trainer.marks["epoch_j"] is None:
-        return {}
-    return {
-        "energy/epoch_joules": now - trainer.marks["epoch_j"],
-        "energy/average_watts": (now - entry_j) / max(seconds, 1e-9),
-    }
+def _epoch_energy(trainer: Trainer, entry: dict, entry_t: float) -> dict:
+    """Per figure ('accelerator', 'host'): the epoch's joules (from its first step; a
+    resumed epoch's earlier part included) and the average watts of this process's part
+    of it (since `entry` at `entry_t`); a figure not measured over the stretch is left out."""
+    now, seconds = energy_now(trainer), time.perf_counter() - entry_t
+    metrics = {}
+    for channel in energy.CHANNELS:
+        joules = energy.joules_between(trainer.marks["epoch_j"], now, channel)
+        part = energy.joules_between(entry, now, channel)
+        if joules is not None:
+            metrics[f"energy/{channel}_joules"] = joules
+        if part is not None:
+            metrics[f"energy/{channel}_watts"] = part / max(seconds, 1e-9)
+    return metrics
 
 
 def _diverged(trainer: Trainer) -> TrainingDiverged:
@@ -387,7 +374,6 @@ def _log_epoch(metrics: dict, end_epoch: int, eta: float) -> None:
 
 
 def _log_progress(trainer: Trainer, epoch: int, done: int, first: int, epoch_start: float):
-    _note_energy(trainer, energy_now(trainer))
     elapsed = time.perf_counter() - epoch_start
     rates, spe = _rates(trainer.sums), trainer.run.steps_per_epoch
     logger.info(

@@ -127,19 +127,23 @@ def test_two_processes_run_eb_train_as_one_process_with_two_devices_and_resume(
     _assert_same_run(tmp_path, single)
 
 
-SUM_SCRIPT = """
+GATHER_SCRIPT = """
 import sys
 import jax
+import numpy as np
 from eb_jax import parallel
 jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
-print("sum", parallel.sum_over_processes(1.5 + int(sys.argv[2])))
+joules = np.array([262143.328850123 + int(sys.argv[2]), 2.0**60])
+gathered = parallel.gather_over_processes(joules)
+print("gathered", gathered[:, 0].tolist() == [262143.328850123 + i for i in range(2)])
 """
 
 
-def test_each_process_measures_its_own_devices_and_the_sum_is_reported():
-    """Energy: every process reads its own meter; the run reports the sum (1.5 + 2.5)."""
+def test_each_process_measures_its_own_devices_and_the_gather_is_exact():
+    """Energy: every process reads its own meter; the rows are gathered as float64, exact
+    (JAX without x64 would round them to float32)."""
     address = f"127.0.0.1:{_free_port()}"
     devices = "--xla_force_host_platform_device_count=1"
-    procs = [_spawn(["-c", SUM_SCRIPT, address, str(i)], devices) for i in range(2)]
+    procs = [_spawn(["-c", GATHER_SCRIPT, address, str(i)], devices) for i in range(2)]
     outputs = _finish(procs, timeout=120)
-    assert all("sum 4.0" in out for out in outputs), outputs
+    assert all("gathered True" in out for out in outputs), outputs
