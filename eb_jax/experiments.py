@@ -294,7 +294,10 @@ def _main(argv) -> int:
     setup_logging()
     workdir = main_lib.WORKDIR.value or os.path.join("runs", name)
     try:
-        run_grid(name, config, workdir, _ratios(config), _DRY_RUN.value)
+        ratios = _ratios(config)
+        main_lib.run_preemptible(
+            lambda: run_grid(name, config, workdir, ratios, _DRY_RUN.value), workdir
+        )
     except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
         main_lib.fail(str(e))
     return 0

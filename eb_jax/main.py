@@ -1,7 +1,9 @@
 """Command line: python -m eb_jax.main [--config configs/X.py] [--workdir DIR] [--config.f=v]
 
 Without --config it runs the offline quickstart (configs/quickstart.py). A bad flag,
-config file or config value ends the run with a one-line error and exit code 2.
+config file or config value ends the run with a one-line error and exit code 2. SIGTERM
+or SIGINT (a preemption, Ctrl-C) stops it at the next step boundary with a checkpoint,
+one line and exit code 143 or 130 (128 + the signal's number); the same command resumes.
 """
 
 from __future__ import annotations
@@ -81,10 +83,23 @@ def main(argv) -> int:
         config_flags.get_config_filename(flags.FLAGS["config"])
     )
     try:
-        pipeline.run(config, workdir)
+        run_preemptible(lambda: pipeline.run(config, workdir), workdir)
     except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
         fail(str(e))
     return 0
+
+
+def run_preemptible(run, workdir: str):
+    """`run()`, stopped by SIGTERM or SIGINT at the next step boundary with a checkpoint,
+    one line and exit status 128 + the signal's number (143, 130)."""
+    from eb_jax import preemption
+
+    try:
+        with preemption.handling():
+            return run()
+    except preemption.Preempted as e:
+        print(f"eb_jax: stopped by {e} in {workdir}", file=sys.stderr)
+        sys.exit(preemption.exit_code(e.signum))
 
 
 def define_config_flag() -> None:

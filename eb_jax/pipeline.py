@@ -211,7 +211,11 @@ def _start_or_resume(config, steps, data, dense_model, checkpointer, writer, wor
         meta["stage"],
     )
     resume = Resume(
-        meta["epoch_sums"], arrays.get("swa"), meta.get("swa_count", 0), meta["energy_marks"]
+        meta["epoch_sums"],
+        arrays.get("swa"),
+        meta.get("swa_count", 0),
+        meta["energy_marks"],
+        arrays.get("device_batch_stats"),
     )
     net = steps_lib.Network(
         built["model"],
@@ -257,6 +261,11 @@ def _restore_target(ctx: RunContext, steps, meta: dict, built: dict) -> dict:
         target["search"] = ctx.search.arrays_like(len(meta["search"]["epochs"]))
     if meta.get("swa_count"):
         target["swa"] = target["train"]["params"]
+    if meta.get("device_batch_stats"):  # a preemption's: every device's own
+        n = meta["device_batch_stats"]
+        target["device_batch_stats"] = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct((n, *x.shape), x.dtype), target["train"]["batch_stats"]
+        )
     if stage.name == names.MASKED:
         target["weight_mask"] = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, np.bool_), target["train"]["params"]
