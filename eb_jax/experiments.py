@@ -295,6 +295,8 @@ def _main(argv) -> int:
     workdir = main_lib.WORKDIR.value or os.path.join("runs", name)
     try:
         ratios = _ratios(config)
+        if not _DRY_RUN.value:
+            pipeline.prepare_workdir(workdir)
         main_lib.run_preemptible(
             lambda: run_grid(name, config, workdir, ratios, _DRY_RUN.value), workdir
         )

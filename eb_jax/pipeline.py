@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import flax
 import jax
@@ -42,12 +43,12 @@ def run(config, workdir: str) -> dict:
     Returns the run's report (report.json): method, ticket, accuracy, cost, wall time.
     """
     validate(config, jax.device_count())
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise ConfigError(f"--workdir {workdir} is a file, not a directory; name a directory")
     steps = methods.method_steps(config)
     data = data_lib.open_dataset(config.dataset, config.data_dir or None)
-    # An unknown model fails before the workdir is touched.
+    # An unknown model or an option the data cannot meet fails before the workdir is touched.
     dense_model = steps_lib.build_model(config, data.num_classes)
+    steps_lib.check_options(config, steps, data)
+    prepare_workdir(workdir)
     checkpointer = Checkpointer(workdir, config.checkpoints_to_keep, config.async_checkpoints)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     try:
@@ -296,6 +297,26 @@ def _save_init_for_rewind(ctx: RunContext, steps, model, variables) -> None:
             ctx.data.num_classes,
             ctx.data.spec.image_shape,
         )
+
+
+def prepare_workdir(workdir: str) -> None:
+    """Creates `workdir` if needed and makes sure files can be written there; ConfigError
+    (one line) when not: a file, a dangling symlink, under a file, read-only."""
+    if os.path.islink(workdir) and not os.path.exists(workdir):
+        target = os.readlink(workdir)
+        raise ConfigError(f"--workdir {workdir} is a symlink to {target}, which does not exist")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir} is a file, not a directory; name a directory")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=workdir)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(
+            f"--workdir {workdir}: cannot write there ({e.strerror or e}); name a writable "
+            "directory"
+        ) from None
 
 
 def default_workdir(config_path: str) -> str:

@@ -271,6 +271,24 @@ def _criterion(ctx: RunContext, criterion: str, model, variables: dict):
     return masks, variables
 
 
+def check_options(config, steps, data) -> None:
+    """ConfigError for a method option the dataset cannot meet, before any training."""
+    prune = methods.prune_step(steps)
+    criterion = prune.criterion if prune is not None else None
+    if criterion == methods.THINET and config.thinet_images > len(data.train):
+        raise ConfigError(
+            f"thinet_images={config.thinet_images} exceeds the {len(data.train)} training "
+            f"examples of {config.dataset}; set --config.thinet_images={len(data.train)} "
+            "or fewer"
+        )
+    spe = len(data.train) // config.batch_size
+    if criterion == methods.SNIP and config.snip_batches > spe:
+        raise ConfigError(
+            f"snip_batches={config.snip_batches} exceeds the {spe} batches of "
+            f"{config.batch_size} in {config.dataset}'s training set; set at most {spe}"
+        )
+
+
 def _sample_batches(ctx: RunContext, batch_size: int):
     """The first epoch's training batches of `batch_size`, the same on every process,
     with the images as the model takes them."""
