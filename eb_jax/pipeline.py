@@ -111,6 +111,10 @@ def _report(ctx: RunContext, steps, net: steps_lib.Network) -> dict:
     # How the pruned network's schedule ran, and whether channels or weights were pruned.
     record["retrain_schedule"] = methods.final_stage(steps).schedule if record["retrain"] else None
     record["granularity"] = pruned["granularity"] if pruned else None
+    # SFP: the original's accuracy (filters zeroed, their BN offsets live) next to the cut
+    # network's, which test_accuracy (and every table) holds.
+    soft = pruned.get("soft") if pruned else None
+    record["soft_pruned"] = {**soft, "cut_test_accuracy": final} if soft else None
     if end.nonzero_macs is not None:
         record["forward_macs"]["final_nonzero"] = end.nonzero_macs
     if jax.process_index() == 0:
