@@ -180,11 +180,6 @@ def _new_search(config, steps, model, input_shape) -> TicketSearch | None:
 def _start_or_resume(config, steps, data, dense_model, checkpointer, writer, workdir):
     """(RunContext, index of the step to run next, Network) fresh or from the newest
     readable checkpoint; the model is rebuilt from its recorded widths first."""
-    steps_per_epoch = data_lib.input_pipeline.steps_per_epoch(data, config.batch_size)
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"batch_size={config.batch_size} exceeds the {len(data.train)} training examples"
-        )
     shape = data.spec.image_shape
     search = _new_search(config, steps, dense_model, shape)
     ctx = RunContext(config, data, workdir, checkpointer, writer, Clock(), search)

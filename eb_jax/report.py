@@ -286,7 +286,12 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"eb_jax.report: error: {e}", file=sys.stderr)
         return 2
-    print(format_table(records))
+    try:
+        table = format_table(records)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # a field of the wrong type
+        print(f"eb_jax.report: error: a report.json field has a wrong value ({e})", file=sys.stderr)
+        return 2
+    print(table)
     if args.plot:
         try:
             plot_costs(records, args.plot)

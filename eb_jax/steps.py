@@ -277,6 +277,10 @@ def _criterion(ctx: RunContext, criterion: str, model, variables: dict):
 
 def check_options(config, steps, data) -> None:
     """ConfigError for a method option the dataset cannot meet, before any training."""
+    if data_lib.input_pipeline.steps_per_epoch(data, config.batch_size) == 0:
+        raise ConfigError(
+            f"batch_size={config.batch_size} exceeds the {len(data.train)} training examples"
+        )
     prune = methods.prune_step(steps)
     criterion = prune.criterion if prune is not None else None
     if criterion == methods.THINET and config.thinet_images > len(data.train):

@@ -10,7 +10,7 @@ from conftest import tiny_config
 from ml_collections import config_flags
 
 from eb_jax import main, pipeline, report
-from eb_jax.config import ConfigError, default_config
+from eb_jax.config import ConfigError, default_config, load_config
 
 
 def _one_line_exit(capsys, call) -> str:
@@ -58,6 +58,12 @@ def test_a_config_file_without_get_config_or_a_config_dict_is_named(tmp_path, mo
     assert "must return an ml_collections ConfigDict" in main._describe(error)
 
 
+def test_load_config_names_a_file_without_get_config(tmp_path):
+    (tmp_path / "mine.py").write_text("X = 1\n")
+    with pytest.raises(ConfigError, match="has no get_config"):
+        load_config(str(tmp_path / "mine.py"))
+
+
 @pytest.mark.parametrize("group", ["precision", "bfp", "distributed"])
 def test_a_value_for_a_group_of_fields_names_the_fields(tmp_path, monkeypatch, group):
     config = "from eb_jax.config import default_config\nget_config = default_config\n"
@@ -95,6 +101,7 @@ def test_a_writable_workdir_is_created(tmp_path):
     [
         ("thinet", {"thinet_images": 1438}, "thinet_images=1438 exceeds the 1437 training"),
         ("snip", {"snip_batches": 12}, "snip_batches=12 exceeds the 11 batches of 128"),
+        ("dense", {"batch_size": 1440}, "batch_size=1440 exceeds the 1437 training examples"),
     ],
 )
 def test_an_option_the_data_cannot_meet_is_refused_before_training(
@@ -135,6 +142,7 @@ GOOD = {
         ('{"run": "x"}', "is not a complete run report: it lacks method, retrain"),
         (json.dumps({**GOOD, "stages": []}), "it lacks stages (a list of stages"),
         (None, "cannot read"),  # report.json is a directory
+        (json.dumps({**GOOD, "test_accuracy": "high"}), "a report.json field has a wrong value"),
     ],
 )
 def test_the_report_cli_on_a_bad_report_json_is_a_one_line_error(
