@@ -43,6 +43,7 @@ def run(config, workdir: str) -> dict:
     Returns the run's report (report.json): method, ticket, accuracy, cost, wall time.
     """
     validate(config, jax.device_count())
+    prepare_workdir(workdir, create=False)
     steps = methods.method_steps(config)
     data = data_lib.open_dataset(config.dataset, config.data_dir or None)
     # An unknown model or an option the data cannot meet fails before the workdir is touched.
@@ -298,14 +299,17 @@ def _save_init_for_rewind(ctx: RunContext, steps, model, variables) -> None:
         )
 
 
-def prepare_workdir(workdir: str) -> None:
+def prepare_workdir(workdir: str, create: bool = True) -> None:
     """Creates `workdir` if needed and makes sure files can be written there; ConfigError
-    (one line) when not: a file, a dangling symlink, under a file, read-only."""
+    (one line) when not: a file, a dangling symlink, under a file, read-only. Without
+    `create` only what needs no change on disk is checked."""
     if os.path.islink(workdir) and not os.path.exists(workdir):
         target = os.readlink(workdir)
         raise ConfigError(f"--workdir {workdir} is a symlink to {target}, which does not exist")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir {workdir} is a file, not a directory; name a directory")
+    if not create:
+        return
     try:
         os.makedirs(workdir, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=workdir)
