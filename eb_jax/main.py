@@ -35,7 +35,7 @@ def fail(message: str) -> None:
 def _describe(error: Exception) -> str:
     if isinstance(error, AttributeError) and "get_config" in str(error):
         return "the config file has no get_config() function; see configs/quickstart.py"
-    if isinstance(error, AttributeError) and "ConfigDict" not in str(error):
+    if isinstance(error, AttributeError) and "' object has no attribute '" in str(error):
         return (
             f"the config file's get_config() must return an ml_collections ConfigDict, e.g. "
             f"eb_jax.config.default_config() with changes ({error})"
