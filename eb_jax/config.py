@@ -161,6 +161,8 @@ def load_config(name_or_path: str, **overrides) -> ml_collections.ConfigDict:
     spec = importlib.util.spec_from_file_location(f"eb_jax_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"the config file {path} has no get_config() function")
     config = module.get_config()
     unknown = sorted(set(overrides) - set(config.keys()))
     if unknown:

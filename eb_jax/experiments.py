@@ -295,7 +295,12 @@ def _main(argv) -> int:
     setup_logging()
     workdir = main_lib.WORKDIR.value or os.path.join("runs", name)
     try:
-        run_grid(name, config, workdir, _ratios(config), _DRY_RUN.value)
+        ratios = _ratios(config)
+        if not _DRY_RUN.value:
+            pipeline.prepare_workdir(workdir)
+        main_lib.run_preemptible(
+            lambda: run_grid(name, config, workdir, ratios, _DRY_RUN.value), workdir
+        )
     except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
         main_lib.fail(str(e))
     return 0

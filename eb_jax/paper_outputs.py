@@ -118,7 +118,12 @@ def _table3(cells) -> tuple[str, dict]:
         return " / ".join([*parts, f"{c['training_pflops']:.3g} PF", f"{_kj(c['energy_kj'])} kJ"])
 
     body = [[row, *[text(_cell(cells, row, r)) for r in ratios]] for row in _rows(cells)]
-    notes = ["cells: top-1 (change vs. unpruned) / top-5 / training PFLOPs / energy kJ"]
+    notes = [
+        "cells: top-1 (change vs. unpruned) / top-5 / training PFLOPs / energy kJ",
+        "SFP: the cut network's accuracy (the network its FLOPs count); the original reports "
+        "the soft-pruned one (filters zeroed, their BN offsets live): report.json's "
+        "soft_pruned holds both",
+    ]
     return _markdown("Table 3", ["method", *[f"p = {r:g}" for r in ratios]], body, notes), {}
 
 

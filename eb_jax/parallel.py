@@ -86,6 +86,23 @@ def unreplicate(tree):
     return jax.device_get(jax.tree.map(lambda x: x[0], tree))
 
 
+def device_copies(tree):
+    """Every device's copy of a replicated pytree, over all processes, on the host:
+    [devices, ...] in process order, the same on every process."""
+    local = jax.device_get(tree)
+    if jax.process_count() == 1:
+        return local
+    return jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), local)
+
+
+def own_copies(copies):
+    """The inverse of `device_copies`: each local device gets its own row back."""
+    n, sharding = jax.local_device_count(), _device_sharding()
+    first = jax.process_index() * n
+    rows = slice(first, first + n)
+    return jax.tree.map(lambda x: jax.device_put(np.asarray(x)[rows], sharding), copies)
+
+
 def shard(batch, num_devices: int | None = None):
     """Splits the leading (batch) axis of every array into [devices, per_device, ...]:
     a host array on the host, a jax.Array already split over the devices in order

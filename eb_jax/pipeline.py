@@ -6,6 +6,7 @@ and result go to WORKDIR/report.json and a printed table.
 from __future__ import annotations
 
 import os
+import tempfile
 
 import flax
 import jax
@@ -39,12 +40,13 @@ def run(config, workdir: str) -> dict:
     Returns the run's report (report.json): method, ticket, accuracy, cost, wall time.
     """
     validate(config, jax.device_count())
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise ConfigError(f"--workdir {workdir} is a file, not a directory; name a directory")
+    prepare_workdir(workdir, create=False)
     steps = methods.method_steps(config)
     data = data_lib.open_dataset(config.dataset, config.data_dir or None)
-    # An unknown model fails before the workdir is touched.
+    # An unknown model or an option the data cannot meet fails before the workdir is touched.
     dense_model = steps_lib.build_model(config, data.num_classes)
+    steps_lib.check_options(config, steps, data)
+    prepare_workdir(workdir)
     checkpointer = Checkpointer(workdir, config.checkpoints_to_keep, config.async_checkpoints)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     ctx = None
@@ -110,6 +112,10 @@ def _report(ctx: RunContext, steps, net: steps_lib.Network) -> dict:
     # How the pruned network's schedule ran, and whether channels or weights were pruned.
     record["retrain_schedule"] = methods.final_stage(steps).schedule if record["retrain"] else None
     record["granularity"] = pruned["granularity"] if pruned else None
+    # SFP: the original's accuracy (filters zeroed, their BN offsets live) next to the cut
+    # network's, which test_accuracy (and every table) holds.
+    soft = pruned.get("soft") if pruned else None
+    record["soft_pruned"] = {**soft, "cut_test_accuracy": final} if soft else None
     if end.nonzero_macs is not None:
         record["forward_macs"]["final_nonzero"] = end.nonzero_macs
     if jax.process_index() == 0:
@@ -170,11 +176,6 @@ def _new_search(config, steps, model, input_shape) -> TicketSearch | None:
 def _start_or_resume(config, steps, data, dense_model, checkpointer, writer, workdir):
     """(RunContext, index of the step to run next, Network) fresh or from the newest
     readable checkpoint; the model is rebuilt from its recorded widths first."""
-    steps_per_epoch = data_lib.input_pipeline.steps_per_epoch(data, config.batch_size)
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"batch_size={config.batch_size} exceeds the {len(data.train)} training examples"
-        )
     shape = data.spec.image_shape
     search = _new_search(config, steps, dense_model, shape)
     ctx = RunContext(config, data, workdir, checkpointer, writer, Clock(), search)
@@ -203,7 +204,11 @@ def _start_or_resume(config, steps, data, dense_model, checkpointer, writer, wor
         meta["stage"],
     )
     resume = Resume(
-        meta["epoch_sums"], arrays.get("swa"), meta.get("swa_count", 0), meta["energy_marks"]
+        meta["epoch_sums"],
+        arrays.get("swa"),
+        meta.get("swa_count", 0),
+        meta["energy_marks"],
+        arrays.get("device_batch_stats"),
     )
     net = steps_lib.Network(
         built["model"],
@@ -253,6 +258,11 @@ def _restore_target(ctx: RunContext, steps, meta: dict, built: dict) -> dict:
         target["search"] = ctx.search.arrays_like(len(meta["search"]["epochs"]))
     if meta.get("swa_count"):
         target["swa"] = target["train"]["params"]
+    if meta.get("device_batch_stats"):  # a preemption's: every device's own
+        n = meta["device_batch_stats"]
+        target["device_batch_stats"] = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct((n, *x.shape), x.dtype), target["train"]["batch_stats"]
+        )
     if stage.name == names.MASKED:
         target["weight_mask"] = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, np.bool_), target["train"]["params"]
@@ -283,6 +293,29 @@ def _save_init_for_rewind(ctx: RunContext, steps, model, variables) -> None:
             ctx.data.num_classes,
             ctx.data.spec.image_shape,
         )
+
+
+def prepare_workdir(workdir: str, create: bool = True) -> None:
+    """Creates `workdir` if needed and makes sure files can be written there; ConfigError
+    (one line) when not: a file, a dangling symlink, under a file, read-only. Without
+    `create` only what needs no change on disk is checked."""
+    if os.path.islink(workdir) and not os.path.exists(workdir):
+        target = os.readlink(workdir)
+        raise ConfigError(f"--workdir {workdir} is a symlink to {target}, which does not exist")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir} is a file, not a directory; name a directory")
+    if not create:
+        return
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=workdir)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(
+            f"--workdir {workdir}: cannot write there ({e.strerror or e}); name a writable "
+            "directory"
+        ) from None
 
 
 def default_workdir(config_path: str) -> str:

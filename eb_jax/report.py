@@ -85,10 +85,51 @@ def read_reports(workdirs) -> list[dict]:
                 f"{workdir} has no {REPORT_FILE}: not a run directory, or the run has not "
                 "finished (run its command again to finish it)"
             ) from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); run its command again") from None
+        except OSError as e:
+            raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+        _check_record(record, path)
         records.append(record)
     return records
+
+
+# What the table and the chart read from a report.json.
+_REPORT_FIELDS = (
+    "run",
+    "method",
+    "retrain",
+    "prune_ratio",
+    "ticket_epoch",
+    "ticket_drawn_by",
+    "test_accuracy",
+    "training_pflops",
+    "wall_time_s",
+    "params",
+    "stages",
+)
+_STAGE_FIELDS = ("stage", "epochs", "training_pflops")
+
+
+def _check_record(record, path: str) -> None:
+    """ValueError unless `record` is a run's report with the fields the table reads."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} holds a {type(record).__name__}, not a run's report")
+    missing = [k for k in _REPORT_FIELDS if k not in record]
+    stages = record.get("stages")
+    if not missing and not (
+        isinstance(stages, list)
+        and stages
+        and all(isinstance(s, dict) and all(k in s for k in _STAGE_FIELDS) for s in stages)
+    ):
+        missing = ["stages (a list of stages with " + ", ".join(_STAGE_FIELDS) + ")"]
+    if not missing and not (isinstance(record["params"], dict) and "final" in record["params"]):
+        missing = ["params.final"]
+    if missing:
+        raise ValueError(
+            f"{path} is not a complete run report: it lacks {', '.join(missing)} (written "
+            "by another program, or damaged; run its command again)"
+        )
 
 
 def format_table(records: list[dict]) -> str:
@@ -262,14 +303,44 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         records = read_reports(args.workdirs)
+        if args.plot:
+            check_plot_path(args.plot)
     except ValueError as e:
         print(f"eb_jax.report: error: {e}", file=sys.stderr)
         return 2
-    print(format_table(records))
+    try:
+        table = format_table(records)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # a field of the wrong type
+        print(f"eb_jax.report: error: a report.json field has a wrong value ({e})", file=sys.stderr)
+        return 2
+    print(table)
     if args.plot:
-        plot_costs(records, args.plot)
+        try:
+            plot_costs(records, args.plot)
+        except OSError as e:
+            print(f"eb_jax.report: error: cannot write {args.plot}: {e.strerror}", file=sys.stderr)
+            return 2
         print(f"cost chart: {args.plot}")
     return 0
+
+
+def check_plot_path(path: str) -> None:
+    """ValueError unless a figure can go to `path`: its folder exists, and matplotlib
+    knows its extension (or it has none: PNG)."""
+    from matplotlib.figure import Figure
+
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise ValueError(f"--plot {path}: the folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"--plot {path} is a directory; name a file, e.g. {path}/cost.png")
+    extension = os.path.splitext(path)[1].lstrip(".").lower()
+    known = Figure().canvas.get_supported_filetypes()
+    if extension and extension not in known:
+        raise ValueError(
+            f"--plot {path}: unknown image type .{extension}; use one of "
+            f"{', '.join('.' + k for k in sorted(known))}"
+        )
 
 
 if __name__ == "__main__":

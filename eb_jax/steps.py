@@ -25,7 +25,7 @@ from eb_jax.runlog import logger
 from eb_jax.ticket import mask_distance
 from eb_jax.ticket.export import save_ticket
 from eb_jax.ticket.search import TicketSearch
-from eb_jax.ticket.surgery import apply_cut, plan_cut
+from eb_jax.ticket.surgery import apply_cut, fold_constant_channels, plan_cut
 from eb_jax.trainer import Resume, RunContext, StagePlan, Trainer, energy_now
 
 
@@ -227,9 +227,11 @@ def prune(ctx: RunContext, steps, step: Prune, net: Network) -> Network:
         variables = {"params": trained.params, "batch_stats": trained.batch_stats}
     masks, variables = _criterion(ctx, step.criterion, model, variables)
     source = load_init(ctx.workdir) if step.start == names.REWIND else variables
-    weight_mask = None
+    weight_mask, soft = None, None
+    if step.criterion == methods.SFP:  # the original's accuracy: zeroed, offsets live
+        soft = _soft_pruned_result(net.trainer)
     if step.criterion in methods.CHANNEL_CRITERIA:
-        narrow, pruned = _cut(config, model, masks, source)
+        narrow, pruned = _cut(config, model, masks, source, fold=soft)
         if step.start == names.REINIT:
             pruned = train.init_variables(narrow, jax.random.key(config.seed + 1), shape)
     else:
@@ -246,6 +248,8 @@ def prune(ctx: RunContext, steps, step: Prune, net: Network) -> Network:
         "granularity": names.WEIGHTS if weight_mask is not None else names.CHANNELS,
         "start": step.start,
     }
+    if soft is not None:
+        ctx.record["pruned"]["soft"] = soft
     _log_prune(ctx, step, variables, pruned, weight_mask)
     after = Network(narrow, pruned, net.step, weight_mask)
     if methods.final_stage(steps) is None:  # the method ends with this cut: evaluate it
@@ -275,6 +279,28 @@ def _criterion(ctx: RunContext, criterion: str, model, variables: dict):
     return masks, variables
 
 
+def check_options(config, steps, data) -> None:
+    """ConfigError for a method option the dataset cannot meet, before any training."""
+    if data_lib.input_pipeline.steps_per_epoch(data, config.batch_size) == 0:
+        raise ConfigError(
+            f"batch_size={config.batch_size} exceeds the {len(data.train)} training examples"
+        )
+    prune = methods.prune_step(steps)
+    criterion = prune.criterion if prune is not None else None
+    if criterion == methods.THINET and config.thinet_images > len(data.train):
+        raise ConfigError(
+            f"thinet_images={config.thinet_images} exceeds the {len(data.train)} training "
+            f"examples of {config.dataset}; set --config.thinet_images={len(data.train)} "
+            "or fewer"
+        )
+    spe = len(data.train) // config.batch_size
+    if criterion == methods.SNIP and config.snip_batches > spe:
+        raise ConfigError(
+            f"snip_batches={config.snip_batches} exceeds the {spe} batches of "
+            f"{config.batch_size} in {config.dataset}'s training set; set at most {spe}"
+        )
+
+
 def _sample_batches(ctx: RunContext, batch_size: int):
     """The first epoch's training batches of `batch_size`, the same on every process,
     with the images as the model takes them."""
@@ -291,8 +317,16 @@ def _sample_batches(ctx: RunContext, batch_size: int):
     return ({**b, "image": data_lib.model_input(b["image"], mean, std)} for b in batches)
 
 
-def _cut(config, model, masks, variables):
-    """(narrow model, `variables` cut to it) for per-BN keep-masks."""
+def _soft_pruned_result(trainer: Trainer) -> dict:
+    """SFP's network before the cut (its weakest filters zeroed, their BN offsets still
+    live), as the original evaluates it: {'test_accuracy', 'test_top5_accuracy'}."""
+    result = trainer.evaluate()
+    return {"test_accuracy": result["accuracy"], "test_top5_accuracy": result.get("top5_accuracy")}
+
+
+def _cut(config, model, masks, variables, fold: dict | None = None):
+    """(narrow model, `variables` cut to it) for per-BN keep-masks; `fold`: a dict that
+    gets the counts of constant channels folded into the cut network and left out."""
     try:
         plan = plan_cut(
             model,
@@ -308,7 +342,18 @@ def _cut(config, model, masks, variables):
         logger.info("min_channels kept alive: %s", ", ".join(plan.rescued))
     if plan.rounded:
         logger.info("rounded up to x%d: %d layers", config.round_to, len(plan.rounded))
-    return apply_cut(model, variables, plan)
+    narrow, cut = apply_cut(model, variables, plan)
+    if fold is not None:
+        cut, fold["folded_channels"], fold["lost_offsets"] = fold_constant_channels(
+            model, variables, plan, cut
+        )
+        logger.info(
+            "folded %d constant channels (zeroed filters' BN offsets) into the cut network; "
+            "%d could not be folded exactly",
+            fold["folded_channels"],
+            fold["lost_offsets"],
+        )
+    return narrow, cut
 
 
 def _log_prune(ctx, prune: Prune, before: dict, after: dict, weight_mask) -> None:

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from eb_jax import data as data_lib
-from eb_jax import energy, names, parallel, train
+from eb_jax import energy, names, parallel, preemption, train
 from eb_jax.checkpoint import config_record
 from eb_jax.data import dali
 from eb_jax.energy import EnergyClock
@@ -88,6 +88,7 @@ class Resume:
     swa_params: object = None
     swa_count: int = 0
     marks: dict | None = None  # {'stage_j', 'stage_wall_s', 'epoch_j'}
+    device_batch_stats: object = None  # every device's own, from a preemption's checkpoint
 
 
 class Trainer:
@@ -110,7 +111,7 @@ class Trainer:
         """`resume`: given when `state` comes from a checkpoint of this stage."""
         resumed, resume = resume is not None, resume or Resume()
         self.run, self.plan, self.model = run, plan, model
-        self.state = parallel.replicate(state)
+        self.state = _replicate_state(state, resume.device_batch_stats)
         self.step = int(state.step)  # global step = the optimizer's update count; host copy
         # The weight mask (replicated) is the train step's third argument, when there is one.
         self.mask_args = () if weight_mask is None else (parallel.replicate(weight_mask),)
@@ -164,14 +165,18 @@ class Trainer:
         epoch_start = time.perf_counter()
         if first == 0:
             self.sums, self.marks["epoch_j"] = None, entry_j
+        stopping = False
         for batch in _loader(self.run, "train", epoch, first):
             self._step(batch)
+            stopping = preemption.stop_at(self.step)  # every process asks at every step
             done = self.step - epoch * spe
             if self.run.config.log_every_steps and done % self.run.config.log_every_steps == 0:
                 _log_progress(self, epoch, done, first, epoch_start)
             every = self.run.config.checkpoint_every_steps
             if every and self.step % every == 0 and done < spe:
                 self.save()
+            if stopping and done < spe:  # at the epoch's last step: after its end
+                self._stop()
         train_time = time.perf_counter() - epoch_start
         self._check_finite()
         if self.plan.soft_prune_ratio:
@@ -184,6 +189,8 @@ class Trainer:
         self.run.writer.write_scalars(self.step, metrics)
         self.last_metrics = metrics
         self.save()
+        if stopping or preemption.stop_now():
+            self._stop()
         return metrics
 
     def _step(self, batch) -> None:
@@ -231,14 +238,30 @@ class Trainer:
         pruned = soft_prune(self.model, params, self.plan.soft_prune_ratio)
         self.state = self.state.replace(params=parallel.replicate(pruned))
 
-    def save(self) -> None:
-        """Checkpoints the state and everything a resumed run needs (once per step)."""
+    def save(self, as_is: bool = False) -> None:
+        """Checkpoints the state and everything a resumed run needs (once per step).
+
+        `as_is`: a step off the run's checkpoint steps (a preemption's): the devices keep
+        their own BN statistics, saved alongside the average, so the resumed run goes on
+        exactly as this one would have.
+        """
         if self.run.checkpointer is None or self.last_saved == self.step:
             return
         self._check_finite()
-        self.state = parallel.sync_batch_stats(self.state)
-        self.run.checkpointer.save(self.step, *_checkpoint(self))
+        synced = parallel.sync_batch_stats(self.state)
+        arrays, meta = _checkpoint(self, synced)
+        if as_is and jax.tree.leaves(self.state.batch_stats):
+            arrays["device_batch_stats"] = parallel.device_copies(self.state.batch_stats)
+            meta["device_batch_stats"] = jax.device_count()
+        else:
+            self.state = synced
+        self.run.checkpointer.save(self.step, arrays, meta)
         self.last_saved = self.step
+
+    def _stop(self) -> None:
+        """Checkpoints this step and stops the run: it was asked to (preemption)."""
+        self.save(as_is=True)
+        raise preemption.Preempted(self.step, preemption.signal_number())
 
     def _check_finite(self) -> None:
         if self.sums is not None and not math.isfinite(_host(self.sums)["loss_sum"]):
@@ -284,11 +307,22 @@ def swa_result(trainer: Trainer) -> tuple[dict, dict]:
     return metrics, {"params": host.params, "batch_stats": host.batch_stats}
 
 
-def _checkpoint(trainer: Trainer) -> tuple[dict, dict]:
-    """(arrays, JSON record) of a checkpoint: the state, the search, the SWA average and
-    the weight mask; the model's widths, the stage, the position and the run's record."""
+def _replicate_state(state, device_batch_stats):
+    """`state` on every local device; a preemption's per-device BN statistics each back
+    on their own device when the run has the same devices (else their average, `state`'s)."""
+    replicated = parallel.replicate(state)
+    leaves = jax.tree.leaves(device_batch_stats)
+    if not leaves or leaves[0].shape[0] != jax.device_count():
+        return replicated
+    return replicated.replace(batch_stats=parallel.own_copies(device_batch_stats))
+
+
+def _checkpoint(trainer: Trainer, state) -> tuple[dict, dict]:
+    """(arrays, JSON record) of a checkpoint: the (replicated) `state`, the search, the SWA
+    average and the weight mask; the model's widths, the stage, the position and the run's
+    record."""
     run = trainer.run
-    arrays = {"train": flax.serialization.to_state_dict(parallel.unreplicate(trainer.state))}
+    arrays = {"train": flax.serialization.to_state_dict(parallel.unreplicate(state))}
     meta = {
         "model": run.config.model,
         "num_classes": run.data.num_classes,

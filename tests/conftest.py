@@ -1,6 +1,7 @@
 """Two forced CPU devices for every test, so pmap code runs multi-device here."""
 
 import os
+import signal
 import tempfile
 
 # Before JAX starts: 2 CPU devices; a collective that hangs fails in 10 s, not forever.
@@ -95,6 +96,40 @@ def interrupt_after(monkeypatch):
         monkeypatch.setattr(Trainer, "train_epoch", interrupted)
 
     return arm
+
+
+@pytest.fixture
+def signal_during(monkeypatch):
+    """`signal_during([s1, s2, ...])`: a real SIGTERM to this process as its training step
+    s1 (global, 1-based) starts; in a later run as step s2 starts, and so on."""
+    from eb_jax.trainer import Trainer
+
+    def arm(steps: list[int]):
+        step = Trainer._step
+
+        def signalled(self, batch):
+            if steps and self.step + 1 == steps[0]:
+                steps.pop(0)
+                os.kill(os.getpid(), signal.SIGTERM)
+            step(self, batch)
+
+        monkeypatch.setattr(Trainer, "_step", signalled)
+
+    return arm
+
+
+def run_through_signals(config, workdir, signals: int) -> tuple[dict, list[int]]:
+    """Runs `config` in `workdir` with preemption handling again after each of `signals`
+    stops (armed with `signal_during`); returns its report and the steps it stopped at."""
+    from eb_jax import pipeline, preemption
+
+    stopped = []
+    for _ in range(signals):
+        with pytest.raises(preemption.Preempted) as stop, preemption.handling():
+            pipeline.run(config, str(workdir))
+        stopped.append(stop.value.step)
+    with preemption.handling():
+        return pipeline.run(config, str(workdir)), stopped
 
 
 def checkpoint_arrays(workdir, step: int | None = None):

@@ -7,7 +7,13 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import assert_same_run, checkpoint_arrays, run_through_kills, tiny_config
+from conftest import (
+    assert_same_run,
+    checkpoint_arrays,
+    run_through_kills,
+    run_through_signals,
+    tiny_config,
+)
 
 from eb_jax import pipeline, report
 from eb_jax.checkpoint import load_model
@@ -97,6 +103,11 @@ def test_sfp_ends_with_the_hard_cut_evaluated_without_fine_tuning(runs):
     model, variables, _ = load_ticket(str(workdir / "pruned"))
     assert [c for c in model.cfg if c != "M"] == [8 - 2, 16 - 4, 16 - 4]
     assert record["params"]["final"] == sum(x.size for x in jax.tree.leaves(variables["params"]))
+    soft = record["soft_pruned"]  # the original's accuracy, and the cut's (the table's)
+    assert soft["cut_test_accuracy"] == record["test_accuracy"]
+    assert 0 < soft["test_accuracy"] <= 1 and 0 < soft["test_top5_accuracy"] <= 1
+    assert soft["folded_channels"] > 0 and soft["lost_offsets"] > 0  # the last conv's; others
+    assert all(r["soft_pruned"] is None for n, (_, r) in runs.items() if n != "sfp")
     assert record["training_pflops"] == pytest.approx(
         training_flops(DENSE_FLOPS, IMAGES, EPOCHS) / 1e15
     )
@@ -135,5 +146,21 @@ def test_a_run_killed_in_each_stage_ends_bit_identical(
     config = _config(data_dir, **VARIANTS[name])
     interrupt_after(list(STOPS[name]))
     record = run_through_kills(config, tmp_path, len(STOPS[name]))
+    expected_dir, expected = runs[name]
+    assert_same_run(record, tmp_path, expected, expected_dir)
+
+
+# Steps (global, 1-based) during which a SIGTERM arrives: mid-epoch in each stage.
+SIGNALS = {"thinet": [5, 2 * 11 + 8], "eb_reinit_fresh": [5, 11 + 6]}
+
+
+@pytest.mark.parametrize("name", list(SIGNALS))
+def test_a_run_stopped_by_sigterm_in_each_stage_resumes_bit_identically(
+    runs, tmp_path, data_dir, name, signal_during
+):
+    signal_during(list(SIGNALS[name]))
+    config = _config(data_dir, **VARIANTS[name])
+    record, stopped = run_through_signals(config, tmp_path, len(SIGNALS[name]))
+    assert stopped == SIGNALS[name]  # the step the signal came in, checkpointed
     expected_dir, expected = runs[name]
     assert_same_run(record, tmp_path, expected, expected_dir)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -56,6 +57,32 @@ def _run_killed_when(cmd, predicate, timeout=180):
     return False
 
 
+def _stop_with_sigterm(cmd, workdir, at_step: int) -> None:
+    """Runs cmd with a progress line per step; SIGTERMs it once global step `at_step` is
+    done: it checkpoints the step in flight, says so in one line and exits 143."""
+    cmd = [*cmd, "--config.log_every_steps=1"]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    for line in proc.stdout:  # "epoch   3  step 5/22  loss ..."
+        if line.startswith("epoch") and " step " in line:
+            epoch, done = int(line.split()[1]), int(line.split()[3].split("/")[0])
+            if (epoch - 1) * 22 + done >= at_step:
+                signalled = time.perf_counter()
+                proc.send_signal(signal.SIGTERM)
+                break
+    proc.stdout.read()
+    stopping_s = time.perf_counter() - signalled if proc.wait(timeout=60) == 143 else None
+    stop = proc.stderr.read().strip().splitlines()
+    assert stopping_s is not None and len(stop) == 1, stop
+    step = int(stop[0].split("after step ")[1].split(",")[0])
+    assert stop[0].startswith("eb_jax: stopped by SIGTERM after step")
+    assert 0 <= step - at_step <= 2  # the step in flight (and one the reader was behind)
+    assert _steps(workdir)[-1] == step and not any("tmp" in e for e in _entries(workdir))
+    assert stopping_s < 10
+    print(f"SIGTERM to exit: {stopping_s:.2f} s (step {step})")
+
+
 def _main(workdir, data_dir, *flags):
     """Runs `_cli(...)` to its end."""
     return subprocess.run(
@@ -85,6 +112,7 @@ def test_killed_quickstart_resumes_bit_identically(tmp_path, data_dir):
     assert _run_killed_when(
         cmd, lambda: any("tmp" in e for e in _entries(killed)) and _steps(killed)[-1] >= 60
     )
+    _stop_with_sigterm(cmd, killed, at_step=random.Random(0).randrange(66, 80))
     resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming the run in" in resumed.stdout

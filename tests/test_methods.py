@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import assert_same_run, run_through_kills, tiny_config
+from conftest import assert_same_run, run_through_kills, run_through_signals, tiny_config
 
 from eb_jax import pipeline, report
 from eb_jax.checkpoint import load_model
@@ -107,6 +107,19 @@ def test_a_run_interrupted_in_each_stage_ends_bit_identical(
     interrupt_after(list(stops))
     record = run_through_kills(config, tmp_path, len(stops))
     expected_dir, expected = runs[method]
+    assert_same_run(record, tmp_path, expected, expected_dir)
+
+
+def test_a_run_stopped_by_sigterm_in_each_stage_resumes_bit_identically(
+    runs, tmp_path, data_dir, signal_during
+):
+    """SIGTERM mid-epoch in the search and in the retraining: each stop checkpoints the
+    step in flight (with every device's own BN statistics) and the run ends the same."""
+    signal_during([5, 2 * 11 + 8])
+    config = _config(data_dir, method="ns", checkpoint_every_steps=0)
+    record, stopped = run_through_signals(config, tmp_path, 2)
+    assert stopped == [5, 30]
+    expected_dir, expected = runs["ns"]
     assert_same_run(record, tmp_path, expected, expected_dir)
 
 

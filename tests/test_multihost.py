@@ -127,6 +127,33 @@ def test_two_processes_run_eb_train_as_one_process_with_two_devices_and_resume(
     _assert_same_run(tmp_path, single)
 
 
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_the_run_resumes(
+    tmp_path, data_dir, single
+):
+    """A preemption notice to process 1 alone (mid-epoch 2): JAX's sync point stops both
+    processes after the same step, each checkpointing it and exiting 143; started again,
+    the run ends bit-identical to one process with two devices."""
+    procs = _start(tmp_path, data_dir, _free_port())
+    deadline = time.time() + 180
+    while not (tmp_path / "checkpoints" / "11").is_dir():
+        assert time.time() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.01)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], outputs[1][-3000:]
+    stops = [o.strip().splitlines()[-1] for o in outputs]
+    assert stops[0] == stops[1] and stops[0].startswith("eb_jax: stopped by SIGTERM after step")
+    step = int(stops[0].split("after step ")[1].split(",")[0])
+    assert step > 11 and step in _steps(tmp_path)
+    outputs = _finish(_start(tmp_path, data_dir, _free_port()))
+    assert f"from its checkpoint at step {step}" in outputs[0]
+    _assert_same_run(tmp_path, single)
+
+
+def _steps(workdir):
+    return sorted(int(e) for e in os.listdir(workdir / "checkpoints") if e.isdigit())
+
+
 GATHER_SCRIPT = """
 import sys
 import jax

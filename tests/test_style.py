@@ -50,6 +50,7 @@ LAYERS = [
         "checkpoint",
         "train",
         "parallel",
+        "preemption",
         "data",
         "models",
         "lowp",

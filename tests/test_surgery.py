@@ -169,3 +169,50 @@ def test_exported_ticket_loads_with_no_other_input(tmp_path):
     np.testing.assert_array_equal(
         loaded.apply(loaded_variables, images), narrow.apply(narrow_variables, images)
     )
+
+
+@pytest.mark.parametrize(
+    "name, shape, exact_at",
+    [
+        ("vgg_tiny", (8, 8, 1), "conv2"),  # the last conv: into the classifier's bias
+        ("resnet_tiny_bottleneck", (16, 16, 3), "stage1_block0_conv2"),  # into bn3's mean
+    ],
+)
+def test_zeroed_filters_cut_where_their_offsets_fold_exactly_compute_the_same(
+    name, shape, exact_at
+):
+    """SFP's zeroed filters output relu(BN offset): cut where that constant folds
+    exactly, the network computes what the zeroed one does; unfolded, it does not."""
+    from eb_jax.prune.sfp import soft_prune
+    from eb_jax.ticket.groups import masks_for_bns
+    from eb_jax.ticket.surgery import fold_constant_channels
+
+    model, variables = trained_like(name, shape)
+    params = soft_prune(model, jax.tree.map(np.array, variables["params"]), 0.5)
+    zeroed = {"params": params, "batch_stats": variables["batch_stats"]}
+    bn = exact_at.replace("conv", "bn")
+    keep = {bn: np.any(params[exact_at]["kernel"] != 0, axis=(0, 1, 2))}
+    plan = plan_cut(model, params, masks_for_bns(model, params, keep))
+    narrow, cut = apply_cut(model, zeroed, plan)
+    folded, count, left = fold_constant_channels(model, zeroed, plan, cut)
+    assert count > 0 and left == 0
+    images = np.random.default_rng(1).standard_normal((2, *shape)).astype(np.float32)
+    expected = jax.jit(model.apply)(zeroed, images)
+    apply = jax.jit(narrow.apply)
+    np.testing.assert_allclose(apply(folded, images), expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(apply(cut, images), expected, atol=1e-5)  # the offsets lost
+
+
+def test_offsets_behind_a_padded_conv_are_counted_as_lost_not_folded():
+    from eb_jax.prune.sfp import hard_prune_masks, soft_prune
+    from eb_jax.ticket.surgery import fold_constant_channels
+
+    model, variables = trained_like("vgg_tiny", (8, 8, 1))
+    params = soft_prune(model, jax.tree.map(np.array, variables["params"]), 0.5)
+    zeroed = {"params": params, "batch_stats": variables["batch_stats"]}
+    plan = plan_cut(model, params, hard_prune_masks(model, params, 0.5))
+    _, cut = apply_cut(model, zeroed, plan)
+    _, folded, left = fold_constant_channels(model, zeroed, plan, cut)
+    widths = [c for c in model.cfg if c != "M"]
+    removed = [w // 2 for w in widths]
+    assert 0 < folded <= removed[-1] and 0 < left <= sum(removed[:-1])

@@ -62,6 +62,22 @@ def consumer_conv(group: Group) -> str | None:
     return next((module for module, _, axis in group.cuts if axis == 2), None)
 
 
+def exact_fold(model, group: Group) -> tuple | None:
+    """Where a constant output of one of `group`'s channels can be folded exactly once
+    the channel is cut: ('dense', layer) for a linear layer after the global mean (VGG's
+    classifier: the mean of a constant map is the constant), ('bn', conv, bn) for a 1x1
+    conv straight into a BN (a bottleneck's conv3 -> bn3: no padding, so the constant
+    reaches every position and shifts the BN's mean); None where no fold is exact (a
+    padded 3x3 conv sees the constant only inside the map, not at its zero border; a
+    pre-activation block's conv3 adds into the residual stream, which has no bias)."""
+    consumer = next(module for module, _, axis in group.cuts if axis in (0, 2))
+    if isinstance(model, VGG) and consumer == "classifier":
+        return ("dense", consumer)
+    if isinstance(model, ResNet) and model.block == "bottleneck" and consumer.endswith("_conv3"):
+        return ("bn", consumer, consumer.removesuffix("_conv3") + "_bn3")
+    return None
+
+
 def masks_for_bns(model, params, keep_of: dict) -> list:
     """Per-BN keep-masks in bn_paths() order: `keep_of[bn]` where given, else all kept."""
     masks = []

@@ -18,7 +18,17 @@ import numpy as np
 from eb_jax.models import bn_scales
 from eb_jax.models.vit import ViT
 from eb_jax.ticket import vit_groups
-from eb_jax.ticket.groups import Group, channel_groups, current_selection, narrow_widths
+from eb_jax.ticket.groups import (
+    Group,
+    channel_groups,
+    current_selection,
+    exact_fold,
+    interior_groups,
+    narrow_widths,
+    producer,
+)
+
+BN_EPSILON = 1e-5  # the models' (models.layers.batch_norm)
 
 
 @dataclasses.dataclass
@@ -94,6 +104,47 @@ def apply_cut(model, variables: dict, plan: CutPlan):
             params[module][leaf] = np.take(params[module][leaf], positions, axis=axis)
     narrow = model.clone(**plan.widths)
     return narrow, {"params": params, "batch_stats": stats}
+
+
+def fold_constant_channels(model, variables: dict, plan: CutPlan, narrow_variables: dict):
+    """(narrow variables, folded, left): the cut channels whose output is a constant (a
+    zeroed filter: the ReLU of its BN's offset, as SFP leaves them) added into their
+    consumer's bias or BN mean where `groups.exact_fold` says that is exact; `left`
+    counts the constant channels that could not be folded (their offsets are lost)."""
+    params, stats = variables["params"], variables.get("batch_stats", {})
+    narrow = jax.tree.map(np.array, narrow_variables)  # copies, written below
+    folded = left = 0
+    for group in interior_groups(model):
+        conv, bn = producer(group), group.bns[0]
+        kernel = np.asarray(params[conv]["kernel"], np.float64)
+        cut = np.setdiff1d(np.arange(kernel.shape[-1]), plan.kept[group.key])
+        constant = cut[~np.any(kernel[..., cut] != 0, axis=tuple(range(kernel.ndim - 1)))]
+        if not constant.size or "bias" in params[conv]:
+            continue
+        values = _constant_outputs(params[bn], stats[bn], constant)
+        target = exact_fold(model, group)
+        if target is None:
+            left += int(np.count_nonzero(values))
+            continue
+        weights = np.asarray(params[target[1]]["kernel"], np.float64)
+        shift = values @ weights.reshape(-1, weights.shape[-2], weights.shape[-1])[0][constant]
+        if target[0] == "dense":
+            layer = narrow["params"][target[1]]
+            layer["bias"] = (layer["bias"] + shift).astype(layer["bias"].dtype)
+        else:
+            mean = narrow["batch_stats"][target[2]]["mean"]
+            narrow["batch_stats"][target[2]]["mean"] = (mean - shift).astype(mean.dtype)
+        folded += int(np.count_nonzero(values))
+    return narrow, folded, left
+
+
+def _constant_outputs(bn_params, bn_stats, channels) -> np.ndarray:
+    """relu(BN(0)) of `channels` in evaluation: what a zeroed filter's channel outputs."""
+    inv = np.asarray(bn_params["scale"], np.float64)[channels] / np.sqrt(
+        np.asarray(bn_stats["var"], np.float64)[channels] + BN_EPSILON
+    )
+    mean = np.asarray(bn_stats["mean"], np.float64)[channels]
+    return np.maximum(np.asarray(bn_params["bias"], np.float64)[channels] - mean * inv, 0.0)
 
 
 def cut_ticket(model, variables, masks, **plan_options):
