@@ -37,7 +37,7 @@ def cut(model: nn.Module, variables, masks: dict, x, *, min_channels=1, round_to
     narrow_variables = _slice_variables(variables, trace, removed)
     kept_masks = {bn: ~removed[atoms] for bn, atoms in trace.bn_scales.items()}
     narrow = narrow_model(model, _widths(trace, narrow_variables))
-    _check_shapes(narrow, narrow_variables, x, kwargs)
+    _check_narrow(trace, narrow, narrow_variables, x, kwargs)
     return narrow, narrow_variables, kept_masks
 
 
@@ -80,7 +80,11 @@ def removed_atoms(trace: ChannelTrace, kept: np.ndarray) -> np.ndarray:
     channel of any of its factors)."""
     removed = ~kept
     for merged, factors in trace.projections:
-        grids = np.ix_(*[removed[trace.channel_of[f]] for f in factors])
+        n = len(factors)
+        grids = [  # factor j's removal, broadcast along the other factors
+            removed[trace.channel_of[f]].reshape([-1 if k == j else 1 for k in range(n)])
+            for j, f in enumerate(factors)
+        ]
         gone = functools.reduce(np.logical_or, grids).ravel()
         removed[trace.channel_of[merged[gone]]] = True
     return removed[trace.channel_of]
@@ -106,13 +110,11 @@ def _widths(trace: ChannelTrace, narrow_variables) -> dict:
         features = getattr(module, "features", None)
         if kernel is None or not isinstance(features, int):
             continue
-        setting = {}
-        if kernel.shape[-1] != features:
-            setting["features"] = int(kernel.shape[-1])
+        # Every layer's width, changed or not: code may derive a width from its input's.
+        setting = {"features": int(kernel.shape[-1])}
         if getattr(module, "feature_group_count", 1) != 1:
             setting["group_inputs"] = int(kernel.shape[-2])  # per group: groups follow
-        if setting:
-            widths["/".join(path)] = setting
+        widths["/".join(path)] = setting
     return widths
 
 
@@ -164,14 +166,36 @@ def narrow_model(model: nn.Module, widths: dict) -> nn.Module:
     return _narrow_class(base, json.dumps(widths, sort_keys=True))(**fields)
 
 
-def _check_shapes(narrow, narrow_variables, x, kwargs) -> None:
+def _check_narrow(trace: ChannelTrace, narrow, narrow_variables, x, kwargs) -> None:
+    """The narrow model must run on the cut variables (flax checks every param's shape
+    against the layer's) and trace to the same ops as the dense one: code that compares a
+    width with a number could otherwise take another branch once narrow."""
     kwargs = eval_kwargs(narrow, kwargs)
-    expected = jax.eval_shape(lambda: narrow.init(jax.random.key(0), x, **kwargs))
-    got = jax.tree.map(np.shape, narrow_variables)
-    want = jax.tree.map(lambda s: s.shape, dict(expected))
-    want = {k: v for k, v in want.items() if k in got}
-    if want != dict(got):
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), narrow_variables)
+    try:
+        closed = jax.make_jaxpr(lambda v, inputs: narrow.apply(v, inputs, **kwargs))(shapes, x)
+    except Exception as error:  # flax's shape errors, JAX's, the model's own
+        first = str(error).strip().splitlines()[0]
         raise ValueError(
-            "the cut model does not build with the cut widths (a width written into the "
-            "model's code rather than read from its input?)"
+            f"the cut model does not run ({first}): does the model's code write or compare a "
+            "width as a number rather than read it from its input?"
+        ) from None
+    if op_sequence(closed.jaxpr) != op_sequence(trace.jaxpr):
+        raise ValueError(
+            "the cut model runs other ops than the dense one: its code compares a width with "
+            "a number (e.g. x.shape[-1] == self.features) and branches; compare two arrays' "
+            "shapes or the module's own settings instead"
         )
+
+
+def op_sequence(jaxpr) -> list:
+    """The primitives of `jaxpr` in order, sub-jaxprs inlined."""
+    ops = []
+    for eqn in jaxpr.eqns:
+        ops.append(eqn.primitive.name)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    ops += op_sequence(inner)
+    return ops

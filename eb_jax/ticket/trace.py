@@ -50,6 +50,7 @@ class ChannelTrace:
     scores: np.ndarray  # channel id -> the largest |BN scale| on it
     projections: list  # (merged atoms, factor atom arrays)
     modules: dict  # module path -> the module as traced
+    jaxpr: object = None  # the traced eval-mode apply
 
 
 def trace_groups(model: nn.Module, variables, x, **apply_kwargs) -> list[TracedGroup]:
@@ -87,7 +88,21 @@ def trace_channels(model: nn.Module, variables, x, **apply_kwargs) -> ChannelTra
     for out in interpret(graph, closed.jaxpr, consts, ins, ""):
         for atoms in out.axes:
             graph.poison(atoms, "they reach the model's output")
-    return _group(graph, {p: v.axes for p, v in leaves.items()}, bns, variables, modules)
+    root = type(model).__name__
+    graph.poisoned = [(atoms, _clean(reason, root)) for atoms, reason in graph.poisoned]
+    trace = _group(graph, {p: v.axes for p, v in leaves.items()}, bns, variables, modules)
+    trace.jaxpr = closed.jaxpr
+    return trace
+
+
+def _clean(reason: str, root: str) -> str:
+    """'Net/block/block._convolve: ...' -> 'block: ...' (module names only)."""
+    where, sep, what = reason.partition(": ")
+    if not sep:
+        return reason
+    parts = [p for p in where.split("/") if p and "." not in p and "(" not in p]
+    parts = parts[1:] if parts[:1] == [root] else parts
+    return f"{'/'.join(parts) or root}: {what}"
 
 
 def _paths(tree) -> list[tuple]:
