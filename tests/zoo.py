@@ -3,6 +3,7 @@ cut must handle: each factory takes `num_classes` and returns the Module."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -27,9 +28,8 @@ class InvertedResidual(nn.Module):
         hidden = x.shape[-1] * self.expand
         y = nn.Conv(hidden, (1, 1), use_bias=False, dtype=self.dtype)(x)
         y = nn.relu6(_bn(train, dtype=self.dtype)(y))
-        s = (self.stride, self.stride)
-        depthwise = nn.Conv(hidden, (3, 3), s, feature_group_count=hidden, use_bias=False)
-        y = depthwise.clone(dtype=self.dtype)(y)
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        y = conv(hidden, (3, 3), self.stride, feature_group_count=hidden)(y)
         y = nn.relu6(_bn(train, dtype=self.dtype)(y))
         y = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype)(y)
         y = _bn(train, dtype=self.dtype)(y)

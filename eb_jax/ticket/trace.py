@@ -68,7 +68,7 @@ def eval_kwargs(model: nn.Module, apply_kwargs: dict) -> dict:
 
 def trace_channels(model: nn.Module, variables, x, **apply_kwargs) -> ChannelTrace:
     kwargs = eval_kwargs(model, apply_kwargs)
-    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), (variables, x))
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (variables, x))
     modules = {}
 
     def record(next_fun, args, kw, context):
@@ -115,7 +115,7 @@ def bn_paths_of(variables) -> list[tuple]:
     return [
         p[1:-1]
         for p, leaf in zip(_paths(variables), jax.tree.leaves(variables), strict=True)
-        if p[0] == "params" and p[-1] == "scale" and np.ndim(leaf) == 1 and p[1:-1] in stats
+        if p[0] == "params" and p[-1] == "scale" and len(leaf.shape) == 1 and p[1:-1] in stats
     ]
 
 
@@ -128,11 +128,11 @@ def _variable_values(graph: ChannelGraph, variables, modules: dict):
         )
     values = {}
     for path, leaf in zip(_paths(variables), jax.tree.leaves(variables), strict=True):
-        value = new_value(graph, np.shape(leaf))
+        value = new_value(graph, leaf.shape)
         value.param = path
         if path[0] == "params" and path[1:-1] in bns and path[-1] in ("scale", "bias"):
             value.z[0] = zeros_like_axis(graph, value.axes[0], True)  # zeroed when cut
-        reason = _unsettable(modules.get(path[1:-1]), path, np.shape(leaf))
+        reason = _unsettable(modules.get(path[1:-1]), path, leaf.shape)
         if reason:
             for atoms in value.axes:
                 graph.poison(atoms, reason)
@@ -177,7 +177,10 @@ def _group(graph, leaves, bns, variables, modules) -> ChannelTrace:
     scales = {bn: leaves[("params", *bn, "scale")][0] for bn in bns}
     scores = np.zeros(n, np.float32)
     for bn, atoms in scales.items():
-        magnitude = np.abs(np.asarray(jax.device_get(_get(variables["params"], bn)["scale"])))
+        scale = _get(variables["params"], bn)["scale"]
+        if isinstance(scale, jax.ShapeDtypeStruct):  # traced from shapes alone: no scores
+            continue
+        magnitude = np.abs(np.asarray(jax.device_get(scale)))
         np.maximum.at(scores, channel_of[atoms], magnitude.astype(np.float32))
     context = (channel_of, group_of, poison_rank, reasons, produced)
     groups = _make_groups(scales, context)
