@@ -1,5 +1,7 @@
 """Traced channel groups and the generic cut: any linen CNN, nothing declared."""
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from eb_jax.models import bn_scales, create_model
-from eb_jax.ticket import cut, trace_groups
+from eb_jax.ticket import cut, narrow_model, trace_groups
 from eb_jax.ticket.surgery import cut_ticket
 from eb_jax.ticket.trace import bn_paths_of
 
@@ -214,3 +216,22 @@ def test_traced_groups_cut_the_built_in_families_as_the_declared_ones(name, shap
     for path, mask in zip(model.bn_paths(), plan.masks, strict=True):
         np.testing.assert_array_equal(kept[path], mask)
     assert narrow.eb_base is type(model)
+
+
+def test_min_channels_round_to_and_the_narrow_model_rebuilt_from_its_widths():
+    model, variables, x = _model("SEResNet")
+    masks = {bn: np.zeros(n, bool) for bn, n in _widths(variables).items()}
+    narrow, narrow_variables, kept = cut(model, variables, masks, x, min_channels=2, round_to=3)
+    for group in trace_groups(model, variables, x):  # 2 channels, rounded up to 3, per group
+        assert kept[group.bns[0]].sum() == min(3, group.channels)
+    stem = next(g for g in trace_groups(model, variables, x) if ("BatchNorm_0",) in g.bns)
+    score = np.max([np.abs(_get(variables["params"], bn)["scale"]) for bn in stem.bns], axis=0)
+    assert set(np.flatnonzero(kept[("BatchNorm_0",)])) == set(np.argsort(-score)[:3])
+    rebuilt = narrow_model(model, json.loads(json.dumps(narrow.eb_widths)))
+    np.testing.assert_array_equal(
+        rebuilt.apply(narrow_variables, x), narrow.apply(narrow_variables, x)
+    )
+    with pytest.raises(ValueError, match="min_channels must be >= 1"):
+        cut(model, variables, masks, x, min_channels=0)
+    with pytest.raises(ValueError, match="has 3 channels, the layer has 16"):
+        cut(model, variables, {("BatchNorm_0",): np.ones(3, bool)}, x)
