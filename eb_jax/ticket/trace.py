@@ -16,8 +16,6 @@ import inspect
 import flax.linen as nn
 import jax
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from eb_jax.ticket.jaxpr_channels import ChannelGraph, Value, new_value, zeros_like_axis
 from eb_jax.ticket.jaxpr_rules import constant_value, interpret
@@ -155,6 +153,10 @@ def _unsettable(module, path: tuple, shape: tuple) -> str | None:
 
 
 def _components(n: int, pairs: list) -> np.ndarray:
+    """Connected-component label of each of n nodes under the position-wise `pairs`."""
+    from scipy.sparse import coo_matrix  # scipy comes with jax; imported when tracing only
+    from scipy.sparse.csgraph import connected_components
+
     if not pairs:
         return np.arange(n)
     a = np.concatenate([p[0] for p in pairs])
