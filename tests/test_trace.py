@@ -235,3 +235,35 @@ def test_min_channels_round_to_and_the_narrow_model_rebuilt_from_its_widths():
         cut(model, variables, masks, x, min_channels=0)
     with pytest.raises(ValueError, match="has 3 channels, the layer has 16"):
         cut(model, variables, {("BatchNorm_0",): np.ones(3, bool)}, x)
+
+
+class _Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(8, (3, 3))(x)))
+
+
+class _Wrapped(nn.Module):
+    """Channels through nn.remat, lax.cond and a nested jit."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.remat(_Block, static_argnums=(2,))()(x, train)
+        x = jax.lax.cond(x.shape[0] > 1, lambda y: y * 2.0, lambda y: y, x)
+        x = jax.jit(lambda y: jnp.maximum(y, 0.0))(x)
+        x = nn.BatchNorm(use_running_average=not train)(nn.Conv(4, (3, 3))(x))
+        return nn.Dense(3)(jnp.mean(x, axis=(1, 2)))
+
+
+def test_remat_cond_and_jit_are_traced_into():
+    model, x = _Wrapped(), np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype("f4")
+    variables = _drawn(model, x)
+    assert [(g.bns, g.frozen) for g in trace_groups(model, variables, x)] == [
+        ((("Checkpoint_Block_0", "BatchNorm_0"),), None),
+        ((("BatchNorm_0",),), None),
+    ]
+    masks = {("Checkpoint_Block_0", "BatchNorm_0"): np.arange(8) < 5}
+    narrow, narrow_variables, kept = cut(model, variables, masks, x)
+    assert narrow_variables["params"]["Conv_0"]["kernel"].shape == (3, 3, 5, 4)
+    want = model.apply(_switched_off(variables, kept), x)
+    np.testing.assert_allclose(narrow.apply(narrow_variables, x), want, atol=2e-5)

@@ -67,9 +67,8 @@ def _rule(name: str):
 
 
 def _sub_jaxpr_params(name: str) -> bool:
-    return name in ("pjit", "jit", "closed_call", "core_call", "remat", "checkpoint") or (
-        name.startswith("custom_jvp_call") or name.startswith("custom_vjp_call")
-    )
+    calls = ("pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call")
+    return name.startswith(calls) or name.startswith("custom_vjp_call")
 
 
 def _unknown(graph, eqn, ins, here, reason=None):
