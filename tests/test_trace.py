@@ -67,19 +67,17 @@ def _n_params(variables):
 
 def _eval_and_train(model, variables, x):
     """Outputs in eval and in train mode, and the train step's batch statistics."""
-
-    def run(variables, x):
-        train_out, stats = model.apply(variables, x, train=True, mutable=["batch_stats"])
-        return model.apply(variables, x), train_out, stats["batch_stats"]
-
-    return jax.jit(run)(variables, x)
+    train_out, stats = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    return model.apply(variables, x), train_out, stats["batch_stats"]
 
 
 def _check_cut(name, masks):
     model, variables, x = _model(name)
     narrow, narrow_variables, kept = cut(model, variables, masks, x)
-    got = _eval_and_train(narrow, narrow_variables, x)
-    want = _eval_and_train(model, _switched_off(variables, kept), x)
+    both = jax.jit(  # one compilation for both networks
+        lambda a, b: (_eval_and_train(narrow, a, x), _eval_and_train(model, b, x))
+    )
+    got, want = both(narrow_variables, _switched_off(variables, kept))
     for a, b in zip(got[:2], want[:2], strict=True):  # eval, then train mode
         np.testing.assert_allclose(a, b, atol=2e-5)
     assert jax.tree.map(np.shape, got[2]) == jax.tree.map(np.shape, narrow_variables["batch_stats"])
