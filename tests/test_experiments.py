@@ -191,7 +191,8 @@ def test_a_grid_reuses_a_finished_run_only_of_the_same_config(tmp_path, monkeypa
     assert len(records) == 8 and (tmp_path / "table2.md").exists()
     before = (tmp_path / "table2.md").read_text()
     other = load_config("quickstart", seed=1, sparsity=1e-3)
-    with pytest.raises(ConfigError, match=r"\(sparsity: 0.0001 there, 0.001 now; seed: 0 there, 1 now\)") as raised:
+    differ = r"\(sparsity: 0.0001 there, 0.001 now; seed: 0 there, 1 now\)"
+    with pytest.raises(ConfigError, match=differ) as raised:
         experiments.run_grid("table2", other, str(tmp_path), (0.5,))
     assert "lt-one-shot-p0.5 holds a finished run of another config" in str(raised.value)
     assert "\n" not in str(raised.value) and (tmp_path / "table2.md").read_text() == before
