@@ -188,6 +188,7 @@ def _improvement(cells, ratio) -> dict:
     return {"accuracy_points": points, "energy_x": energy, "flops_x": flops}
 
 
+TABLE3_ORDER = ("NS", "ThiNet", "SFP", "EB Train")  # the paper's order within a ratio
 TABLE3_HEADER = [
     "Models",
     "Methods",
@@ -209,8 +210,9 @@ def _table3(cells) -> tuple[str, dict]:
         mine = _of(cells, setting)
         dense = _cell(mine, "Unpruned", None)
         shown = [dense] if dense else []
+        rows = sorted(_rows(mine), key=lambda r: TABLE3_ORDER.index(r) if r in TABLE3_ORDER else 99)
         for ratio in _ratios(mine):
-            shown += [c for row in _rows(mine) if (c := _find(mine, row, ratio))]
+            shown += [c for row in rows if (c := _find(mine, row, ratio))]
         body += [_table3_row(c, dense) for c in shown]
     notes = [
         "Improv.: the change against the unpruned network, in points",

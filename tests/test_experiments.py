@@ -210,6 +210,7 @@ def test_a_bad_experiment_name_is_a_one_line_error():
 
 
 def _tiny(data_dir, **overrides):
+    overrides = {"grid_ticket_epochs": (1,), **overrides}
     return load_config(
         "quickstart",
         model="vgg_tiny",
@@ -220,7 +221,6 @@ def _tiny(data_dir, **overrides):
         eb_window=2,
         eb_eps=0.5,
         data_dir=data_dir,
-        grid_ticket_epochs=(1,),
         **overrides,
     )
 
@@ -235,12 +235,13 @@ def test_table2_grid_end_to_end_from_its_runs_reports(tmp_path, data_dir, monkey
         assert cell["test_accuracy"] == saved["test_accuracy"]
         assert cell["training_pflops"] == saved["training_pflops"]
     by_row = {c["row"]: c for c in table["runs"]}
-    best = max(by_row[b]["test_accuracy"] for b in ("LT", "SNIP", "NS", "ThiNet"))
+    baselines = ("LT (one-shot)", "SNIP", "NS", "ThiNet")
+    best = max(by_row[b]["test_accuracy"] for b in baselines)
     improvement = table["improvement"]["0.5"]
     assert improvement["accuracy_points"] == pytest.approx(
-        100 * (by_row["EB Train FF"]["test_accuracy"] - best)
+        100 * (by_row["EB Train (FF)"]["test_accuracy"] - best)
     )
-    cheapest = min(by_row[b]["training_pflops"] for b in ("LT", "SNIP", "NS", "ThiNet"))
+    cheapest = min(by_row[b]["training_pflops"] for b in baselines)
     eb = min(c["training_pflops"] for r, c in by_row.items() if r.startswith("EB"))
     assert improvement["flops_x"] == pytest.approx(cheapest / eb) and improvement["flops_x"] > 1
     markdown = (tmp_path / "table2.md").read_text()
@@ -253,16 +254,20 @@ def test_table2_grid_end_to_end_from_its_runs_reports(tmp_path, data_dir, monkey
 
 @pytest.mark.slow
 def test_fig1_grid_killed_mid_run_resumes_to_the_same_figure(tmp_path, data_dir, interrupt_after):
-    straight = experiments.run_grid("fig1", _tiny(data_dir), str(tmp_path / "a"), (0.5,))
+    config = _tiny(data_dir, grid_ticket_epochs=(2,))  # the final epoch's ticket
+    straight = experiments.run_grid("fig1", config, str(tmp_path / "a"), (0.5,))
+    # The final-epoch ticket is retrained: 2 search epochs, then 2 on a fresh schedule.
+    stages = [(s["stage"], s["epochs"]) for s in straight[1]["stages"]]
+    assert stages == [("search", 2), ("retrain", 2)]
     # Killed after the unpruned run's last epoch (before its report), then in the next
     # run's first epoch.
     interrupt_after([2, 1])
     killed = tmp_path / "b"
     for _ in range(2):
         with pytest.raises(Interrupted):
-            experiments.run_grid("fig1", _tiny(data_dir), str(killed), (0.5,))
-    resumed = experiments.run_grid("fig1", _tiny(data_dir), str(killed), (0.5,))
+            experiments.run_grid("fig1", config, str(killed), (0.5,))
+    resumed = experiments.run_grid("fig1", config, str(killed), (0.5,))
     assert [r["test_accuracy"] for r in resumed] == [r["test_accuracy"] for r in straight]
     figure = json.loads((killed / "fig1.json").read_text())
-    assert [c["x"] for c in figure["runs"]] == [None, 1]
+    assert [c["x"] for c in figure["runs"]] == [None, 2]
     assert (killed / "fig1.png").stat().st_size > 10_000
