@@ -23,7 +23,7 @@ from absl import app, flags
 from eb_jax import cost, methods, names, paper_outputs, pipeline, report
 from eb_jax import main as main_lib
 from eb_jax.checkpoint import Checkpointer, config_record
-from eb_jax.config import ConfigError, validate
+from eb_jax.config import ConfigError, default_config, validate
 from eb_jax.data import DATASETS
 from eb_jax.models import create_model
 from eb_jax.runlog import format_duration, logger
@@ -234,7 +234,8 @@ def projected_pflops(config) -> tuple[float, float]:
     prune = methods.prune_step(steps)
     dense = _dense_flops(config.model, spec.num_classes, spec.image_shape)
     widths = (dense, dense)
-    if prune is not None and prune.criterion in methods.CHANNEL_CRITERIA:
+    cut_trains = prune is not None and methods.final_stage(steps) is not None
+    if cut_trains and prune.criterion in methods.CHANNEL_CRITERIA:
         widths = _cut_flops(config, prune.criterion)
     detected = (min(n, config.eb_window), max(1, n // 4))
     tickets = (config.ticket_epoch,) * 2 if config.ticket_epoch else detected
@@ -357,11 +358,14 @@ def check_finished_run(config, path: str) -> None:
             f"{path} holds a finished run whose config is recorded nowhere; move it away or "
             "use another --workdir"
         )
-    now = json.loads(json.dumps(config_record(config)["fields"]))
+    now, before = (
+        json.loads(json.dumps(config_record(c)["fields"])) for c in (config, default_config())
+    )
+    # A field newer than the run counts as its default there.
     diffs = [
-        f"{k}: {saved['fields'].get(k)!r} there, {v!r} now"
+        f"{k}: {saved['fields'].get(k, before.get(k))!r} there, {v!r} now"
         for k, v in now.items()
-        if saved["fields"].get(k) != v
+        if saved["fields"].get(k, before.get(k)) != v
     ]
     if diffs:
         raise ConfigError(
