@@ -133,29 +133,48 @@ def uniform_cut_flops(model: nn.Module, input_shape, ratio: float, groups=None) 
 
 def widest_ticket_flops(model: nn.Module, input_shape, ratio: float, **plan_options) -> int:
     """Forward FLOPs of the most expensive BN-scale ticket at `ratio`: its
-    floor(ratio * all BN channels) pruned channels taken where a channel costs least (the
-    cheap late layers first; channels the cut cannot remove first of all)."""
+    floor(ratio * all BN channels) pruned channels removed one at a time where a channel
+    now saves the fewest FLOPs (channels the cut cannot remove first, then the cheap late
+    layers)."""
     modules = _trace(model, input_shape)[0]
     bns = [path[-1] for path in model.bn_paths()]
-    per_channel = dict.fromkeys(bns, 0.0)  # a BN no group cuts: pruning it saves nothing
-    for group in channel_groups(model, plan_options.get("prune_residual", False)):
-        for bn in group.bns:
-            per_channel[bn] = _channel_flops(group, modules)
-    budget = prune_count(sum(modules[bn]["out"] for bn in bns), ratio)
-    removed = {}
-    for bn in sorted(bns, key=lambda b: per_channel[b]):
-        removed[bn] = min(budget, modules[bn]["out"])
-        budget -= removed[bn]
+    groups = channel_groups(model, plan_options.get("prune_residual", False))
+    grouped = {bn for g in groups for bn in g.bns}
+    idle = sum(modules[bn]["out"] for bn in bns if bn not in grouped)  # cut saves nothing
+    budget = max(0, prune_count(sum(modules[bn]["out"] for bn in bns), ratio) - idle)
+    keep = max(1, plan_options.get("min_channels", 1))
+    removed = _greedy_removal(groups, modules, budget, keep, most=False)
     return _cut_flops(model, input_shape, modules, removed, **plan_options)
 
 
-def _channel_flops(group, modules: dict) -> float:
-    """The forward FLOPs one channel of `group` costs in the dense network."""
+def _greedy_removal(groups, modules: dict, budget: int, keep: int, most: bool) -> dict:
+    """Per BN, how many channels to remove: `budget` BN channels, one group channel at a
+    time, each time from the group whose channel now saves the most (or fewest) FLOPs."""
+    width = {m: [e["in"], e["out"]] for m, e in modules.items()}
+    per_unit = {m: e["flops"] / (e["in"] * e["out"]) for m, e in modules.items() if e["macs"]}
+    left = {g.key: modules[g.bns[0]]["out"] - keep for g in groups}
+    removed = {g.key: 0 for g in groups}
+    while True:
+        open_ = [g for g in groups if left[g.key] > 0 and len(g.bns) <= budget]
+        if not open_:
+            break
+        g = (max if most else min)(open_, key=lambda g: _saving(g, modules, width, per_unit))
+        for module, leaf, axis in g.cuts:
+            if leaf == "kernel" and module in width:
+                width[module][1 if axis == 3 else 0] -= 1
+        left[g.key] -= 1
+        removed[g.key] += 1
+        budget -= len(g.bns)
+    return {bn: removed[g.key] for g in groups for bn in g.bns}
+
+
+def _saving(group, modules: dict, width: dict, per_unit: dict) -> float:
+    """The forward FLOPs one more channel of `group` saves at the current widths."""
     flops = 0.0
     for module, leaf, axis in group.cuts:
-        m = modules.get(module)
-        if leaf == "kernel" and m is not None:
-            flops += m["flops"] / (m["out"] if axis == 3 else m["in"])
+        if leaf == "kernel" and module in per_unit:
+            other = width[module][0] if axis == 3 else width[module][1]
+            flops += per_unit[module] * other
     if not group.select:
         flops += sum(modules[bn]["flops"] / modules[bn]["out"] for bn in group.bns)
     return flops

@@ -27,7 +27,7 @@ from eb_jax.config import ConfigError, default_config, validate
 from eb_jax.data import DATASETS
 from eb_jax.models import create_model
 from eb_jax.runlog import format_duration, logger
-from eb_jax.ticket.groups import channel_groups, interior_groups
+from eb_jax.ticket.groups import channel_groups, consumer_conv, interior_groups
 
 # The paper's ticket epochs for Fig. 1 (10, 20, 40, 80, 120, 160 of 160) as fractions,
 # and Table 1's (10, 20, 40 and final).
@@ -226,9 +226,9 @@ def projected_pflops(config) -> tuple[float, float]:
     """The run's training PFLOPs before it runs, as (low, high); equal where exact.
 
     Exact: dense stages, and networks whose cut p fixes (ThiNet, SFP: per layer). A
-    BN-scale ticket's network lies between the uniform cut (low) and the widest ticket
-    with as many channels pruned (high: the cheap late layers pruned first); a detected
-    ticket between eb_window epochs and a quarter of num_epochs (assumed)."""
+    BN-scale ticket's network between the uniform cut (low) and the widest ticket with
+    as many channels pruned (high); a detected ticket between eb_window epochs and a
+    quarter of num_epochs (assumed)."""
     spec = DATASETS[config.dataset]
     steps, n = methods.method_steps(config), config.num_epochs
     prune = methods.prune_step(steps)
@@ -277,9 +277,14 @@ def _cut_flops(config, criterion: str) -> tuple[int, int]:
 def _cut_range(model_name, num_classes, shape, criterion, ratio, plan_options):
     model = create_model(model_name, num_classes)
     if criterion != methods.TICKET:  # ThiNet, SFP: floor(p * C) of every interior layer
-        exact = cost.uniform_cut_flops(model, shape, ratio, interior_groups(model))
+        groups = interior_groups(model)
+        if criterion == methods.THINET:  # the layers a conv reads (prune.thinet)
+            groups = [g for g in groups if consumer_conv(g) is not None]
+        exact = cost.uniform_cut_flops(model, shape, ratio, groups)
         return exact, exact
     min_channels, round_to, residual = plan_options
+    # A ticket can be narrower than the uniform cut (docs/method.md, dry runs): the low end
+    # is a typical ticket's, the high end a bound.
     low = cost.uniform_cut_flops(model, shape, ratio, channel_groups(model, residual))
     high = cost.widest_ticket_flops(
         model,
