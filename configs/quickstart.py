@@ -19,5 +19,5 @@ def get_config():
     config.log_every_steps = 0  # epochs are short: one line per epoch
     # python -m eb_jax.experiments: grids small enough for minutes on 2 CPU cores.
     config.grid_ratios = (0.3, 0.5)
-    config.grid_ticket_epochs = (2, 5, 10)
+    config.grid_ticket_epochs = (2, 5, 10, 20)  # 20: the final epoch's ticket, retrained too
     return config

@@ -17,4 +17,5 @@ def get_config():
     config.num_epochs = 90
     config.lr_boundaries = (30, 60)
     config.sparsity_stages = ("search", "retrain")  # the original keeps it (main_c.py -sr)
+    config.grid_ratios = (0.1, 0.3)  # the paper's Table 3 ratios for ResNet-18
     return config

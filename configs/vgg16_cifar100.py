@@ -15,4 +15,5 @@ def get_config():
     config.model = "vgg16"
     config.dataset = "cifar100"
     config.sparsity_stages = ("search", "retrain")  # the original keeps it (main_c.py -sr)
+    config.grid_ratios = (0.1, 0.3, 0.5)  # the paper's Table 2 ratios for VGG16 on CIFAR-100
     return config

@@ -32,6 +32,7 @@ RESUME_FIELDS = (
     "learning_rate",
     "lr_boundaries",
     "lr_decay",
+    "search_lr",
     "momentum",
     "weight_decay",
     "sparsity",

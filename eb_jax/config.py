@@ -38,6 +38,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.sparsity = 1e-4  # s: s*sign(scale) added to every BN scale gradient in the stages
     # named in sparsity_stages; 0 disables
     c.sparsity_stages = ("search",)  # of 'dense', 'search', 'retrain', 'masked', 'soft'
+    # The search stage's own LR schedule (the paper's Table 1 searches on [0.01, x0.1 at 100]
+    # and retrains every ticket on one common schedule); learning_rate 0: the run's schedule
+    c.search_lr = ml_collections.ConfigDict(
+        {"learning_rate": 0.0, "lr_boundaries": (), "lr_decay": 0.1}
+    )
     c.seed = 0
     _optimizer_fields(c)
     _method_fields(c)
@@ -202,6 +207,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ConfigError(f"lr_boundaries={tuple(config.lr_boundaries)} must be ascending epochs")
     if config.learning_rate <= 0:
         raise ConfigError(f"learning_rate={config.learning_rate} must be positive")
+    search = config.search_lr
+    if search.learning_rate < 0 or list(search.lr_boundaries) != sorted(search.lr_boundaries):
+        raise ConfigError(
+            f"search_lr: learning_rate={search.learning_rate} must be >= 0 (0: the run's "
+            f"schedule) and lr_boundaries={tuple(search.lr_boundaries)} ascending epochs"
+        )
     if config.sparsity < 0 or config.weight_decay < 0:
         raise ConfigError("sparsity and weight_decay must be >= 0")
     if config.num_data_workers < -1 or config.num_data_threads < 1:

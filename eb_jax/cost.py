@@ -27,6 +27,9 @@ from jax.extend.core import jaxprs_in_params
 
 from eb_jax.lowp import FP32
 from eb_jax.models import layers
+from eb_jax.ticket.groups import channel_groups
+from eb_jax.ticket.masks import prune_count
+from eb_jax.ticket.surgery import plan_cut
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +49,21 @@ def forward_cost(model: nn.Module, input_shape, weight_mask=None) -> Cost:
     With a `weight_mask` (unstructured pruning) the counts stay those of the dense
     network, as the paper counts them; `Cost.nonzero_macs` gives the multiply-adds with
     a kept weight."""
+    modules, activation_flops, params = _trace(model, input_shape, weight_mask)
+    flops = activation_flops + sum(m["flops"] for m in modules.values())
+    macs = sum(m["macs"] for m in modules.values())
+    nonzero = sum(m["kept_macs"] for m in modules.values()) if weight_mask is not None else None
+    return Cost(flops=flops, macs=macs, params=params, nonzero_macs=nonzero)
+
+
+def _trace(model: nn.Module, input_shape, weight_mask=None) -> tuple[dict, int, int]:
+    """Per conv/linear/BN module (by name): FLOPs, MACs, kept MACs, its input and output
+    channels; the ReLU and pooling FLOPs; the parameter count."""
     # One conv primitive per Conv whatever the backend; no quantisers, fp32.
     model = model.clone(conv_impl="xla", precision=FP32)
     x = jnp.zeros((1, *input_shape), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
-    counts = {"flops": 0, "macs": 0, "nonzero_macs": 0}
+    modules = {}
 
     def kept(module, out, macs: int) -> int:  # MACs whose weight the mask keeps
         if weight_mask is None:
@@ -64,30 +77,27 @@ def forward_cost(model: nn.Module, input_shape, weight_mask=None) -> Cost:
         if context.method_name != "__call__":
             return out
         module, inputs = context.module, args[0]
+        entry = {"macs": 0, "kept_macs": 0, "in": inputs.shape[-1], "out": out.shape[-1]}
         if isinstance(module, layers.Conv):
-            k = module.kernel_size
-            macs = k * k * inputs.shape[-1] * out.size
-            counts["macs"] += macs
-            counts["nonzero_macs"] += kept(module, out, macs)
-            counts["flops"] += 2 * macs
+            entry["macs"] = module.kernel_size**2 * inputs.shape[-1] * out.size
+            entry["flops"] = 2 * entry["macs"]
         elif isinstance(module, nn.Dense):
-            macs = inputs.shape[-1] * out.size
-            counts["macs"] += macs
-            counts["nonzero_macs"] += kept(module, out, macs)
-            counts["flops"] += 2 * macs + (out.size if module.use_bias else 0)
+            entry["macs"] = inputs.shape[-1] * out.size
+            entry["flops"] = 2 * entry["macs"] + (out.size if module.use_bias else 0)
         elif isinstance(module, nn.DenseGeneral):
             axes = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-            macs = int(np.prod([inputs.shape[a] for a in axes])) * out.size
-            counts["macs"] += macs
-            counts["nonzero_macs"] += kept(module, out, macs)
-            counts["flops"] += 2 * macs + (out.size if module.use_bias else 0)
-        elif hasattr(module, "flops"):
-            flops, macs = module.flops(inputs, out)
-            counts["flops"] += flops
-            counts["macs"] += macs
-            counts["nonzero_macs"] += macs
+            entry["macs"] = int(np.prod([inputs.shape[a] for a in axes])) * out.size
+            entry["flops"] = 2 * entry["macs"] + (out.size if module.use_bias else 0)
+        elif hasattr(module, "flops"):  # counts itself (the ViT's attention, norms, gates)
+            entry["flops"], entry["macs"] = module.flops(inputs, out)
+            modules["/".join(module.path)] = {**entry, "kept_macs": entry["macs"]}
+            return out
         elif isinstance(module, layers.BatchNorm):
-            counts["flops"] += 2 * inputs.size + (out.size if module.relu else 0)  # fused ReLU
+            entry["flops"] = 2 * inputs.size + (out.size if module.relu else 0)  # fused ReLU
+        else:
+            return out
+        entry["kept_macs"] = kept(module, out, entry["macs"]) if entry["macs"] else 0
+        modules["/".join(module.path)] = entry  # a top-level module's path is its name
         return out
 
     def forward(v, x):
@@ -95,11 +105,10 @@ def forward_cost(model: nn.Module, input_shape, weight_mask=None) -> Cost:
             return model.apply(v, x, train=False)
 
     jaxpr = jax.make_jaxpr(forward)(variables, x)
-    if not getattr(model, "ELEMENTWISE_IN_MODULES", False):
-        counts["flops"] += _activation_and_pool_flops(jaxpr.jaxpr)
     params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
-    nonzero = counts["nonzero_macs"] if weight_mask is not None else None
-    return Cost(flops=counts["flops"], macs=counts["macs"], params=params, nonzero_macs=nonzero)
+    if getattr(model, "ELEMENTWISE_IN_MODULES", False):
+        return modules, 0, params
+    return modules, _activation_and_pool_flops(jaxpr.jaxpr), params
 
 
 def _activation_and_pool_flops(jaxpr) -> int:
@@ -125,3 +134,77 @@ def _activation_and_pool_flops(jaxpr) -> int:
 def training_flops(forward_flops: int, images_per_epoch: int, epochs: int) -> float:
     """3 x forward x images x epochs (the paper's training cost)."""
     return 3.0 * forward_flops * images_per_epoch * epochs
+
+
+def uniform_cut_flops(model: nn.Module, input_shape, ratio: float, groups=None) -> int:
+    """Forward FLOPs of `model` with floor(ratio * C) of the C channels cut from every
+    group in `groups` (default: every coupling group): ThiNet's and SFP's per-layer cut,
+    and the uniform end of a BN-scale ticket's range."""
+    groups = channel_groups(model) if groups is None else groups
+    modules = _trace(model, input_shape)[0]
+    removed = {bn: prune_count(modules[bn]["out"], ratio) for g in groups for bn in g.bns}
+    return _cut_flops(model, input_shape, modules, removed)
+
+
+def widest_ticket_flops(model: nn.Module, input_shape, ratio: float, **plan_options) -> int:
+    """Forward FLOPs of the most expensive BN-scale ticket at `ratio`: its
+    floor(ratio * all BN channels) pruned channels removed one at a time where a channel
+    now saves the fewest FLOPs (channels the cut cannot remove first, then the cheap late
+    layers)."""
+    modules = _trace(model, input_shape)[0]
+    bns = [path[-1] for path in model.bn_paths()]
+    groups = channel_groups(model, plan_options.get("prune_residual", False))
+    grouped = {bn for g in groups for bn in g.bns}
+    idle = sum(modules[bn]["out"] for bn in bns if bn not in grouped)  # cut saves nothing
+    budget = max(0, prune_count(sum(modules[bn]["out"] for bn in bns), ratio) - idle)
+    keep = max(1, plan_options.get("min_channels", 1))
+    removed = _greedy_removal(groups, modules, budget, keep, most=False)
+    return _cut_flops(model, input_shape, modules, removed, **plan_options)
+
+
+def _greedy_removal(groups, modules: dict, budget: int, keep: int, most: bool) -> dict:
+    """Per BN, how many channels to remove: `budget` BN channels, one group channel at a
+    time, each time from the group whose channel now saves the most (or fewest) FLOPs."""
+    width = {m: [e["in"], e["out"]] for m, e in modules.items()}
+    per_unit = {m: e["flops"] / (e["in"] * e["out"]) for m, e in modules.items() if e["macs"]}
+    left = {g.key: modules[g.bns[0]]["out"] - keep for g in groups}
+    removed = {g.key: 0 for g in groups}
+    while True:
+        open_ = [g for g in groups if left[g.key] > 0 and len(g.bns) <= budget]
+        if not open_:
+            break
+        g = (max if most else min)(open_, key=lambda g: _saving(g, modules, width, per_unit))
+        for module, leaf, axis in g.cuts:
+            if leaf == "kernel" and module in width:
+                width[module][1 if axis == 3 else 0] -= 1
+        left[g.key] -= 1
+        removed[g.key] += 1
+        budget -= len(g.bns)
+    return {bn: removed[g.key] for g in groups for bn in g.bns}
+
+
+def _saving(group, modules: dict, width: dict, per_unit: dict) -> float:
+    """The forward FLOPs one more channel of `group` saves at the current widths."""
+    flops = 0.0
+    for module, leaf, axis in group.cuts:
+        if leaf == "kernel" and module in per_unit:
+            other = width[module][0] if axis == 3 else width[module][1]
+            flops += per_unit[module] * other
+    if not group.select:
+        flops += sum(modules[bn]["flops"] / modules[bn]["out"] for bn in group.bns)
+    return flops
+
+
+def _cut_flops(model, input_shape, modules: dict, removed: dict, **plan_options) -> int:
+    """Forward FLOPs of `model` cut by the surgery with the first `removed[bn]` channels
+    of each BN pruned (only the widths matter)."""
+    params, masks = {}, []
+    for path in model.bn_paths():
+        width = modules[path[-1]]["out"]
+        node = params
+        for key in path:
+            node = node.setdefault(key, {})
+        node["scale"] = np.ones(width, np.float32)
+        masks.append(np.arange(width) >= removed.get(path[-1], 0))
+    plan = plan_cut(model, params, masks, **plan_options)
+    return forward_cost(model.clone(**plan.widths), input_shape).flops

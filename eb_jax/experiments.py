@@ -13,6 +13,8 @@ report.json and name the run every number came from.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
 import time
 
@@ -20,13 +22,20 @@ from absl import app, flags
 
 from eb_jax import cost, methods, names, paper_outputs, pipeline, report
 from eb_jax import main as main_lib
-from eb_jax.config import ConfigError, model_refuses, validate
+from eb_jax.checkpoint import Checkpointer, config_record
+from eb_jax.config import ConfigError, default_config, model_refuses, validate
 from eb_jax.data import DATASETS
 from eb_jax.models import create_model
 from eb_jax.runlog import format_duration, logger
+from eb_jax.ticket.groups import channel_groups, consumer_conv, interior_groups
 
-# The paper's ticket epochs for Fig. 1 (10, 20, 40, 80, 120, 160 of 160) as fractions.
+# The paper's ticket epochs for Fig. 1 (10, 20, 40, 80, 120, 160 of 160) as fractions,
+# and Table 1's (10, 20, 40 and final).
 TICKET_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1)
+TABLE1_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1)
+# Every drawn ticket (the final epoch's too) retrains on one common schedule: inherited
+# weights, num_epochs on a fresh run of the config's LR schedule.
+RETRAINED = {"method": names.EB, "retrain_schedule": names.FRESH}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,25 +51,30 @@ class GridRun:
 
 
 TABLE2_ROWS = {  # the paper's Table 2, in its order
-    "LT": {"method": names.LT, "lt_granularity": names.WEIGHTS},
+    "LT (one-shot)": {"method": names.LT, "lt_granularity": names.WEIGHTS},
     "SNIP": {"method": names.SNIP},
     "NS": {"method": names.NS},
     "ThiNet": {"method": names.THINET},
     "EB Train (re-init)": {
         "method": names.EB,
         "retrain": names.REINIT,
-        "retrain_schedule": "fresh",
+        "retrain_schedule": names.FRESH,
     },
-    "EB Train FF": {"method": names.EB},
-    "EB Train LF": {"method": names.EB, "precision.search": "bfp8"},
-    "EB Train LL": {"method": names.EB, "precision.search": "bfp8", "precision.retrain": "bfp8"},
+    "EB Train (FF)": {"method": names.EB},
+    "EB Train (LF)": {"method": names.EB, "precision.search": "bfp8"},
+    "EB Train (LL)": {"method": names.EB, "precision.search": "bfp8", "precision.retrain": "bfp8"},
 }
-TABLE2_BASELINES = ("LT", "SNIP", "NS", "ThiNet")
 TABLE3_ROWS = {
     "NS": {"method": names.NS},
     "ThiNet": {"method": names.THINET},
     "SFP": {"method": names.SFP},
     "EB Train": {"method": names.EB},
+}
+# The (method, ratios) cells the paper's Table 3 prints per model; other models (and an
+# explicit --ratios) get every method at every ratio.
+TABLE3_PRINTED = {
+    "resnet18": {"NS": (0.1, 0.3), "SFP": (0.3,), "EB Train": (0.1, 0.3)},
+    "resnet50": {"ThiNet": (0.3, 0.5, 0.7), "EB Train": (0.3, 0.5, 0.7)},
 }
 
 
@@ -76,18 +90,26 @@ def _by_method(rows: dict, ratios) -> list[GridRun]:
     ]
 
 
+def _epochs(config, fractions) -> list[int]:
+    return sorted({max(1, round(f * config.num_epochs)) for f in fractions})
+
+
 def _ticket_epochs(config) -> list[int]:
-    if config.grid_ticket_epochs:
-        return sorted(set(config.grid_ticket_epochs))
-    return sorted({max(1, round(f * config.num_epochs)) for f in TICKET_FRACTIONS})
+    chosen = tuple(config.grid_ticket_epochs)
+    if any(not 1 <= e <= config.num_epochs for e in chosen) or len(set(chosen)) < len(chosen):
+        raise ConfigError(
+            f"grid_ticket_epochs={chosen} must be distinct epochs in [1, num_epochs="
+            f"{config.num_epochs}] (() for the paper's 1/16 ... all of num_epochs)"
+        )
+    return sorted(chosen) or _epochs(config, TICKET_FRACTIONS)
 
 
 def _fixed_tickets(config, ratios, extra: dict, label: str) -> list[GridRun]:
-    """EB Train with the ticket drawn at fixed epochs (Fig. 1, 2, 5)."""
+    """EB Train with the ticket drawn at fixed epochs, each retrained (Fig. 1, 2, 5)."""
     return [
         GridRun(
             f"{label}-p{r:g}-e{e}",
-            {"method": names.EB, "prune_ratio": r, "ticket_epoch": e, **extra},
+            {**RETRAINED, "prune_ratio": r, "ticket_epoch": e, **extra},
             label,
             r,
             e,
@@ -97,8 +119,46 @@ def _fixed_tickets(config, ratios, extra: dict, label: str) -> list[GridRun]:
     ]
 
 
+def _table1(config, ratios) -> list[GridRun]:
+    """Tickets drawn at 1/16, 1/8, 1/4 and all of the epochs (and the detected one) under
+    the paper's two search schedules, every ticket retrained on the config's schedule."""
+    n = config.num_epochs
+
+    def at(epoch):  # an epoch of the paper's 160, scaled to num_epochs
+        return max(1, round(epoch / 160 * n))
+
+    schedules = {
+        "lr0.1": (f"[0.1, x0.1 at {at(80)}, {at(120)}]", 0.1, (at(80), at(120))),
+        "lr0.01": (f"[0.01, x0.1 at {at(100)}]", 0.01, (at(100),)),
+    }
+    runs = []
+    for slug, (label, lr, boundaries) in schedules.items():
+        search = {"search_lr.learning_rate": lr, "search_lr.lr_boundaries": boundaries}
+        search["search_lr.lr_decay"] = 0.1
+        for r in ratios:
+            base = {**RETRAINED, **search, "prune_ratio": r}
+            runs += [
+                GridRun(f"{slug}-p{r:g}-e{e}", {**base, "ticket_epoch": e}, label, r, e)
+                for e in _epochs(config, TABLE1_FRACTIONS)
+            ]
+            runs.append(GridRun(f"{slug}-p{r:g}-detected", base, label, r))
+    return runs
+
+
+def _table3(config, ratios) -> list[GridRun]:
+    printed = TABLE3_PRINTED.get(config.model) if ratios is None else None
+    if printed is None:
+        ratios = check_ratios(tuple(config.grid_ratios) if ratios is None else tuple(ratios))
+        return _by_method(TABLE3_ROWS, ratios)
+    return [
+        GridRun(f"{_slug(row)}-p{r:g}", {**TABLE3_ROWS[row], "prune_ratio": r}, row, r)
+        for row, row_ratios in printed.items()
+        for r in row_ratios
+    ]
+
+
 def _schedules(config, ratios, variants: dict) -> list[GridRun]:
-    """EB Train (detected ticket) under each search LR schedule (Tables 1, 4)."""
+    """EB Train (detected ticket) under each search LR schedule (Table 4)."""
     return [
         GridRun(f"{_slug(v)}-p{r:g}", {"method": names.EB, "prune_ratio": r, **o}, v, r)
         for v, o in variants.items()
@@ -106,14 +166,26 @@ def _schedules(config, ratios, variants: dict) -> list[GridRun]:
     ]
 
 
-def grid(name: str, config, ratios) -> list[GridRun]:
-    """The runs of experiment `name` for `config` at prune ratios `ratios`."""
+def check_ratios(ratios: tuple) -> tuple:
+    """`ratios` if they make a grid: some, distinct, each in [0, 1); else ConfigError."""
+    if not ratios:
+        raise ConfigError("no prune ratios given; name some, e.g. --ratios=0.3,0.5")
+    if len(set(ratios)) < len(ratios):
+        raise ConfigError(f"prune ratios {ratios} repeat a ratio; name each once")
+    if not all(0 <= r < 1 for r in ratios):
+        raise ConfigError(f"prune ratios {ratios}: every one must be in [0, 1)")
+    return ratios
+
+
+def grid(name: str, config, ratios=None) -> list[GridRun]:
+    """The runs of experiment `name` for `config` at prune ratios `ratios` (None: the
+    config's grid_ratios; for Table 3 the cells the paper prints for the model)."""
     dense = GridRun("unpruned", {"method": names.DENSE_METHOD}, "Unpruned")
-    n = config.num_epochs
+    if name == "table3":
+        return [dense, *_table3(config, ratios)]
+    ratios = check_ratios(tuple(config.grid_ratios) if ratios is None else tuple(ratios))
     if name == "table2":
         return _by_method(TABLE2_ROWS, ratios)
-    if name == "table3":
-        return [dense, *_by_method(TABLE3_ROWS, ratios)]
     if name == "fig1":
         return [dense, *_fixed_tickets(config, ratios, {}, "eb")]
     if name == "fig2":
@@ -123,13 +195,8 @@ def grid(name: str, config, ratios) -> list[GridRun]:
             GridRun(f"ns-p{r:g}", {"method": names.NS, "prune_ratio": r}, "NS", r) for r in ratios
         ]
         return [*_fixed_tickets(config, ratios, {}, "eb"), *ns]
-    if name == "table1":  # the paper's [0.1, x0.1 at 80, 120] against [0.01, x0.1 at 100]
-        late = (round(100 / 160 * n),)
-        given = (
-            f"lr {config.learning_rate:g}, x{config.lr_decay:g} at {tuple(config.lr_boundaries)}"
-        )
-        lower = {"learning_rate": 0.01, "lr_boundaries": late, "lr_decay": 0.1}
-        return _schedules(config, ratios, {given: {}, f"lr 0.01, x0.1 at {late}": lower})
+    if name == "table1":
+        return _table1(config, ratios)
     if name == "table4":  # a larger initial LR: 0.5 for VGG, 0.2 for PreResNet
         large = 0.2 if config.model.startswith("preresnet") else 0.5
         return _schedules(
@@ -155,31 +222,90 @@ def run_config(config, run: GridRun):
     return config
 
 
-def projected_pflops(config) -> float:
-    """The run's training cost before it runs: dense stages exactly (the paper's count);
-    a cut network's stages at (1 - p)^2 of dense, a BN-scale ticket detected at epoch
-    num_epochs / 8 (where the paper's emerged): estimates, until report.json has the truth."""
+def projected_pflops(config) -> tuple[float, float]:
+    """The run's training PFLOPs before it runs, as (low, high); equal where exact.
+
+    Exact: dense stages, and networks whose cut p fixes (ThiNet, SFP: per layer). A
+    BN-scale ticket's network between the uniform cut (low) and the widest ticket with
+    as many channels pruned (high); a detected ticket between eb_window epochs and a
+    quarter of num_epochs (assumed)."""
     spec = DATASETS[config.dataset]
-    model = create_model(config.model, spec.num_classes)
-    dense = cost.forward_cost(model, spec.image_shape).flops
-    images = spec.train_examples // config.batch_size * config.batch_size
     steps, n = methods.method_steps(config), config.num_epochs
-    ticket = config.ticket_epoch or max(1, n // 8)
-    total, cut = 0.0, False
-    for step in steps:
-        if isinstance(step, methods.Prune):
-            cut = step.criterion in methods.CHANNEL_CRITERIA
-            continue
-        until_ticket = step.until == "ticket" and not config.keep_searching
-        epochs = ticket if until_ticket else n
-        if step.schedule == names.CONTINUE and cut:
-            epochs = n - ticket if config.method == names.EB else n
-        width = (1 - config.prune_ratio) ** 2 if cut else 1.0
-        total += cost.training_flops(dense * width, images, epochs)
-    return total / 1e15
+    prune = methods.prune_step(steps)
+    dense = _dense_flops(config.model, spec.num_classes, spec.image_shape)
+    widths = (dense, dense)
+    cut_trains = prune is not None and methods.final_stage(steps) is not None
+    if cut_trains and prune.criterion in methods.CHANNEL_CRITERIA:
+        widths = _cut_flops(config, prune.criterion)
+    detected = (min(n, config.eb_window), max(1, n // 4))
+    tickets = (config.ticket_epoch,) * 2 if config.ticket_epoch else detected
+    images = spec.train_examples // config.batch_size * config.batch_size
+    bounds = []
+    for width, ticket in zip(widths, tickets, strict=True):
+        total, cut = 0.0, False
+        for step in steps:
+            if isinstance(step, methods.Prune):
+                cut = step.criterion in methods.CHANNEL_CRITERIA
+                continue
+            epochs = ticket if step.until == "ticket" and not config.keep_searching else n
+            if step.schedule == names.CONTINUE and cut:
+                epochs = n - ticket if config.method == names.EB else n
+            total += cost.training_flops(width if cut else dense, images, epochs)
+        bounds.append(total / 1e15)
+    return bounds[0], bounds[1]
 
 
-def run_grid(name: str, config, workdir: str, ratios, dry_run: bool = False) -> list[dict]:
+@functools.cache
+def _dense_flops(model: str, num_classes: int, shape: tuple) -> int:
+    return cost.forward_cost(create_model(model, num_classes), shape).flops
+
+
+def _cut_flops(config, criterion: str) -> tuple[int, int]:
+    """(low, high) forward FLOPs of the network `criterion` cuts at config.prune_ratio."""
+    spec = DATASETS[config.dataset]
+    return _cut_range(
+        config.model,
+        spec.num_classes,
+        spec.image_shape,
+        criterion,
+        config.prune_ratio,
+        (config.min_channels, config.round_to, config.prune_residual),
+    )
+
+
+@functools.cache
+def _cut_range(model_name, num_classes, shape, criterion, ratio, plan_options):
+    model = create_model(model_name, num_classes)
+    if criterion != methods.TICKET:  # ThiNet, SFP: floor(p * C) of every interior layer
+        groups = interior_groups(model)
+        if criterion == methods.THINET:  # the layers a conv reads (prune.thinet)
+            groups = [g for g in groups if consumer_conv(g) is not None]
+        exact = cost.uniform_cut_flops(model, shape, ratio, groups)
+        return exact, exact
+    min_channels, round_to, residual = plan_options
+    # A ticket can be narrower than the uniform cut (docs/method.md, dry runs): the low end
+    # is a typical ticket's, the high end a bound.
+    low = cost.uniform_cut_flops(model, shape, ratio, channel_groups(model, residual))
+    high = cost.widest_ticket_flops(
+        model,
+        shape,
+        ratio,
+        min_channels=min_channels,
+        round_to=round_to,
+        prune_residual=residual,
+    )
+    return min(low, high), max(low, high)
+
+
+def format_pflops(bounds) -> str:
+    """'15.06' where exact, '~7.68..14.0' (marked) where estimated."""
+    low, high = bounds
+    if low == high:
+        return paper_outputs.paper_number(low, 4)
+    return f"~{paper_outputs.paper_number(low)}..{paper_outputs.paper_number(high)}"
+
+
+def run_grid(name: str, config, workdir: str, ratios=None, dry_run: bool = False) -> list[dict]:
     """Runs (or with `dry_run` lists) the grid; returns the finished runs' reports."""
     # A ViT's grid leaves out the rows it cannot run (ThiNet, SFP, 8-bit search).
     runs = [r for r in grid(name, config, ratios) if not model_refuses(run_config(config, r))]
@@ -189,38 +315,99 @@ def run_grid(name: str, config, workdir: str, ratios, dry_run: bool = False) -> 
     projected = [projected_pflops(c) for c in configs]
     if dry_run:
         return _list_runs(name, runs, configs, projected)
+    paths = [os.path.join(workdir, run.name) for run in runs]
+    for path, run_config_ in zip(paths, configs, strict=True):
+        check_finished_run(run_config_, path)
     records, started, done_pf = [], time.perf_counter(), 0.0
     for k, (run, run_config_, pf) in enumerate(zip(runs, configs, projected, strict=True)):
-        path = os.path.join(workdir, run.name)
-        if os.path.exists(os.path.join(path, report.REPORT_FILE)):
+        path = paths[k]
+        if _finished(path):
             logger.info("[%d/%d] %s: finished, skipped", k + 1, len(runs), run.name)
             records.append(report.read_reports([path])[0])
             continue
-        elapsed = time.perf_counter() - started
-        left = sum(projected[k:])
-        eta = format_duration(elapsed / done_pf * left) if done_pf else "after the first run"
+        todo = [b for b, p in zip(projected[k:], paths[k:], strict=True) if not _finished(p)]
+        left = [sum(b[i] for b in todo) for i in (0, 1)]
+        rate = (time.perf_counter() - started) / done_pf if done_pf else None
+        eta = "after the first run" if rate is None else _eta(rate, left)
         logger.info(
-            "[%d/%d] %s (%s; ~%.3g PFLOPs projected), grid ETA %s",
+            "[%d/%d] %s (%s; %s PFLOPs projected), grid ETA %s",
             k + 1,
             len(runs),
             run.name,
             _label(run_config_),
-            pf,
+            format_pflops(pf),
             eta,
         )
         records.append(pipeline.run(run_config_, path))
-        done_pf += pf
+        done_pf += records[-1]["training_pflops"]
     write_outputs(name, runs, records, workdir)
     return records
 
 
+def _finished(path: str) -> bool:
+    return os.path.exists(os.path.join(path, report.REPORT_FILE))
+
+
+def _eta(seconds_per_pf: float, left_pf) -> str:
+    low, high = (format_duration(seconds_per_pf * pf) for pf in left_pf)
+    return low if low == high else f"~{low}..{high}"
+
+
+def check_finished_run(config, path: str) -> None:
+    """A finished sub-run is reused only if it ran `config`'s trajectory; ConfigError
+    names the fields that differ (nothing is run or overwritten)."""
+    if not _finished(path):
+        return
+    saved = report.read_reports([path])[0].get("config") or _checkpoint_config(path)
+    if saved is None:
+        raise ConfigError(
+            f"{path} holds a finished run whose config is recorded nowhere; move it away or "
+            "use another --workdir"
+        )
+    now, before = (
+        json.loads(json.dumps(config_record(c)["fields"])) for c in (config, default_config())
+    )
+    # A field newer than the run counts as its default there.
+    diffs = [
+        f"{k}: {saved['fields'].get(k, before.get(k))!r} there, {v!r} now"
+        for k, v in now.items()
+        if saved["fields"].get(k, before.get(k)) != v
+    ]
+    if diffs:
+        raise ConfigError(
+            f"{path} holds a finished run of another config ({'; '.join(diffs)}); "
+            "use another --workdir or the config it ran"
+        )
+
+
+def _checkpoint_config(path: str) -> dict | None:
+    """The config record of the run's newest checkpoint (runs from before report.json
+    recorded it), or None."""
+    if not os.path.isdir(os.path.join(path, "checkpoints")):
+        return None
+    checkpointer = Checkpointer(path, async_save=False)
+    try:
+        steps = checkpointer.steps()
+        return checkpointer.read_meta(max(steps))["config"] if steps else None
+    finally:
+        checkpointer.close()
+
+
 def _list_runs(name, runs, configs, projected) -> list:
-    lines = [f"{name}: {len(runs)} runs", f"{'run':28s} {'method':22s} {'p':>5s} {'PFLOPs':>9s}"]
+    lines = [
+        f"{name}: {len(runs)} runs",
+        f"{'run':28s} {'method':22s} {'p':>5s} {'PFLOPs':>16s}",
+    ]
     for run, c, pf in zip(runs, configs, projected, strict=True):
         p = "-" if run.ratio is None else f"{run.ratio:g}"
-        lines.append(f"{run.name:28s} {_label(c):22s} {p:>5s} {pf:9.4g}")
-    lines.append(f"{'total':28s} {'':22s} {'':>5s} {sum(projected):9.4g}")
-    lines.append("(projected: dense stages exact; pruned stages and detected tickets estimated)")
+        lines.append(f"{run.name:28s} {_label(c):22s} {p:>5s} {format_pflops(pf):>16s}")
+    total = tuple(sum(b[i] for b in projected) for i in (0, 1))
+    lines.append(f"{'total':28s} {'':22s} {'':>5s} {format_pflops(total):>16s}")
+    lines.append(
+        "(~low..high: estimated; a cut BN-scale ticket between the uniform cut and the widest "
+        "ticket with as many channels pruned, a detected ticket between eb_window epochs and "
+        "num_epochs / 4; plain numbers exact)"
+    )
     print("\n".join(lines))
     return []
 
@@ -244,6 +431,8 @@ def _numbers(record: dict) -> dict:
         "energy_kj": energy.get("total_kj"),
         "ticket_epoch": record["ticket_epoch"],
         "ticket_drawn_by": record["ticket_drawn_by"],
+        "model": record.get("model"),
+        "dataset": record.get("dataset"),
     }
 
 
@@ -273,16 +462,18 @@ def _parse(argv: list[str]) -> list[str]:
     return rest
 
 
-def _ratios(config) -> tuple:
-    if not _RATIOS.value:
-        return tuple(config.grid_ratios)
+def _ratios() -> tuple | None:
+    """--ratios as numbers; None when not given (the grid's own ratios)."""
+    if _RATIOS.value is None:
+        return None
     try:
-        ratios = tuple(float(r) for r in _RATIOS.value.split(","))
+        ratios = tuple(float(r) for r in _RATIOS.value.split(",")) if _RATIOS.value else ()
     except ValueError:
         main_lib.fail(f"--ratios={_RATIOS.value} must be numbers separated by commas, e.g. 0.3,0.5")
-    if not all(0 <= r < 1 for r in ratios):
-        main_lib.fail(f"--ratios={_RATIOS.value}: every prune ratio must be in [0, 1)")
-    return ratios
+    try:
+        return check_ratios(ratios)
+    except ConfigError as e:
+        main_lib.fail(f"--ratios={_RATIOS.value}: {e}")
 
 
 def _main(argv) -> int:
@@ -295,7 +486,7 @@ def _main(argv) -> int:
     setup_logging()
     workdir = main_lib.WORKDIR.value or os.path.join("runs", name)
     try:
-        ratios = _ratios(config)
+        ratios = _ratios()
         if not _DRY_RUN.value:
             pipeline.prepare_workdir(workdir)
         main_lib.run_preemptible(

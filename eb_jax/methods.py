@@ -161,6 +161,8 @@ def check(config) -> None:
         raise ValueError(
             f"swa_start_epoch needs a final training stage; {method!r} ends with a cut"
         )
+    if config.search_lr.learning_rate and not draws_tickets(steps):
+        raise ValueError(f"search_lr applies to methods with a search stage, not {method!r}")
     if config.swa_start_epoch and config.keep_searching:
         raise ValueError("swa_start_epoch needs a final stage; keep_searching ends with none")
     unknown = set(config.sparsity_stages) - set(names.STAGES)

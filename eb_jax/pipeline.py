@@ -16,7 +16,7 @@ import numpy as np
 from eb_jax import cost, energy, methods, names, parallel, platform, report, train
 from eb_jax import data as data_lib
 from eb_jax import steps as steps_lib
-from eb_jax.checkpoint import Checkpointer, check_config_matches
+from eb_jax.checkpoint import Checkpointer, check_config_matches, config_record
 from eb_jax.config import ConfigError, validate
 from eb_jax.methods import Stage
 from eb_jax.models import bn_scales, model_widths, widths_from_json
@@ -116,6 +116,7 @@ def _report(ctx: RunContext, steps, net: steps_lib.Network) -> dict:
     # network's, which test_accuracy (and every table) holds.
     soft = pruned.get("soft") if pruned else None
     record["soft_pruned"] = {**soft, "cut_test_accuracy": final} if soft else None
+    record["config"] = config_record(config)  # what a grid checks before reusing the run
     if end.nonzero_macs is not None:
         record["forward_macs"]["final_nonzero"] = end.nonzero_macs
     if jax.process_index() == 0:

@@ -71,6 +71,7 @@ def fresh_state(ctx: RunContext, plan: StagePlan, model, variables) -> train.Tra
         plan.sparsity,
         plan.precision,
         plan.lr_origin,
+        plan.name,
     )
     state = train.TrainState.create(
         apply_fn=data_lib.normalizing(model.apply, ctx.data.spec),

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from eb_jax import lowp
+from eb_jax import lowp, names
 from eb_jax.models.layers import BN_MOMENTUM
 
 
@@ -39,17 +39,18 @@ def cosine_schedule(base_lr: float, warmup_epochs: int, epochs: int, steps_per_e
     )
 
 
-def stage_lr(config, steps_per_epoch: int, lr_origin: int = 0):
+def stage_lr(config, steps_per_epoch: int, lr_origin: int = 0, stage: str = ""):
     """The learning rate at each global step of a stage whose schedule starts at step
-    `lr_origin`: the one source the optimizer and the logged learning rate read."""
+    `lr_origin`: the one source the optimizer and the logged learning rate read. A
+    'search' stage takes config.search_lr where that sets a learning rate."""
     if config.lr_schedule == "cosine":
         schedule = cosine_schedule(
             config.learning_rate, config.warmup_epochs, config.num_epochs, steps_per_epoch
         )
     else:
-        schedule = lr_schedule(
-            config.learning_rate, config.lr_boundaries, config.lr_decay, steps_per_epoch
-        )
+        searching = stage == names.SEARCH and config.search_lr.learning_rate
+        lr = config.search_lr if searching else config
+        schedule = lr_schedule(lr.learning_rate, lr.lr_boundaries, lr.lr_decay, steps_per_epoch)
     if not lr_origin:
         return schedule
     return lambda step: schedule(step - lr_origin)
@@ -86,17 +87,18 @@ def create_optimizer(
     sparsity: float | None = None,
     precision: lowp.Precision = lowp.FP32,
     lr_origin: int = 0,
+    stage: str = "",
 ) -> optax.GradientTransformation:
     """SGD with PyTorch semantics: g += s*sign(bn scale); g += wd*p; buf = m*buf + g.
     With config.optimizer 'adamw': g += s*sign(scale), then AdamW (`_adamw`).
 
     A fresh optimizer for a stage that starts at global step `start_step`, its LR
-    schedule (`stage_lr`) starting at step `lr_origin`.
+    schedule (`stage_lr` of `stage`) starting at step `lr_origin`.
     `sparsity`: s, default `config.sparsity` (0 where no ticket is drawn from the scales).
     `precision` 'bfp8': g quantised after the sparsity term, buf after each update.
     """
     sparsity = config.sparsity if sparsity is None else sparsity
-    schedule = stage_lr(config, steps_per_epoch)
+    schedule = stage_lr(config, steps_per_epoch, stage=stage)
     offset = start_step - lr_origin  # the optimizer counts its own updates from 0
     if offset:
         base = schedule

@@ -120,7 +120,7 @@ class Trainer:
         self.last_saved = self.step if resumed else None  # its checkpoint exists
         self.start_step, self.last_metrics, self.compiling_s = self.step, {}, 0.0
         self.started = time.perf_counter()
-        self.lr = train.stage_lr(run.config, run.steps_per_epoch, plan.lr_origin)  # the one source
+        self.lr = train.stage_lr(run.config, run.steps_per_epoch, plan.lr_origin, plan.name)
         self.marks = resume.marks or _stage_start_marks(self)
         step_fn = functools.partial(
             train.train_step,

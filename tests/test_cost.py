@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from eb_jax import train
-from eb_jax.cost import forward_cost, training_flops
+from eb_jax.cost import forward_cost, training_flops, uniform_cut_flops, widest_ticket_flops
 from eb_jax.models import create_model
 from eb_jax.ticket.surgery import cut_ticket
 
@@ -70,3 +70,15 @@ def test_a_cut_ticket_costs_what_its_widths_say():
 
 def test_training_flops_is_three_forward_passes_per_image_and_epoch():
     assert training_flops(10, 7, 5) == 3 * 10 * 7 * 5
+
+
+def test_cut_network_bounds_bracket_the_papers_network_slimming_ticket():
+    model = create_model("vgg16", 10)
+    dense = forward_cost(model, CIFAR).flops
+    halved = model.clone(cfg=tuple(c if c == "M" else c - c // 2 for c in model.cfg))
+    uniform = uniform_cut_flops(model, CIFAR, 0.5)
+    assert uniform == forward_cost(halved, CIFAR).flops  # every layer loses floor(C / 2)
+    widest = widest_ticket_flops(model, CIFAR, 0.5)
+    # The paper's NS row (25.7 PF = 15.1 dense + a cut fine-tune) implies its p = 0.5
+    # ticket costs 0.70 of dense: between the uniform cut and the widest ticket.
+    assert uniform < 0.70 * dense < widest < dense
