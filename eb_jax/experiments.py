@@ -348,6 +348,16 @@ def _finished(path: str) -> bool:
     return os.path.exists(os.path.join(path, report.REPORT_FILE))
 
 
+def _recorded_config(path: str) -> dict | None:
+    """The config a finished run's report.json records (None if it records none)."""
+    try:
+        with open(os.path.join(path, report.REPORT_FILE)) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: its report.json cannot be read ({e}); move it away") from e
+    return record.get("config") if isinstance(record, dict) else None
+
+
 def _eta(seconds_per_pf: float, left_pf) -> str:
     low, high = (format_duration(seconds_per_pf * pf) for pf in left_pf)
     return low if low == high else f"~{low}..{high}"
@@ -358,7 +368,7 @@ def check_finished_run(config, path: str) -> None:
     names the fields that differ (nothing is run or overwritten)."""
     if not _finished(path):
         return
-    saved = report.read_reports([path])[0].get("config") or _checkpoint_config(path)
+    saved = _recorded_config(path) or _checkpoint_config(path)
     if saved is None:
         raise ConfigError(
             f"{path} holds a finished run whose config is recorded nowhere; move it away or "

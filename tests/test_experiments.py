@@ -186,6 +186,12 @@ def test_a_grid_reuses_a_finished_run_only_of_the_same_config(tmp_path, monkeypa
                 "model": c.model,
                 "dataset": c.dataset,
                 "config": recorded,
+                "method": c.method,
+                "retrain": c.retrain,
+                "prune_ratio": c.prune_ratio,
+                "wall_time_s": 1.0,
+                "params": {"final": 1000},
+                "stages": [{"stage": "dense", "epochs": 1, "training_pflops": 1e-4}],
             },
         )
     monkeypatch.setattr(pipeline, "run", lambda *a: pytest.fail("a finished run ran again"))
