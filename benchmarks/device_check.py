@@ -227,18 +227,28 @@ def _trainer(data: Dataset, workdir: str, net, precision: str, epochs: int) -> T
     return trainer
 
 
-def _train_epochs(trainers: dict, rounds: int, meter) -> dict:
+def _meter() -> tuple:
+    """(meter, the channel this machine counts, None), or (None, None, why not)."""
+    meter = open_meter()
+    channel = meter.counted
+    if meter.name(channel) is None:
+        return None, None, f"{channel}: {meter.channels[channel].why}"
+    return meter, channel, None
+
+
+def _train_epochs(trainers: dict, rounds: int, meter, channel: str | None) -> dict:
     """{label: (median seconds, median joules or None)} of whole epochs, in turn."""
     seconds = {label: [] for label in trainers}
     joules = {label: [] for label in trainers}
     for epoch in range(rounds):
         for label, trainer in trainers.items():
-            start_j, start = meter.read() if meter else None, time.perf_counter()
+            start_j = meter.joules()[channel] if meter else None
+            start = time.perf_counter()
             trainer.train_epoch(epoch)
             jax.block_until_ready(trainer.state)
             seconds[label].append(time.perf_counter() - start)
             if meter:
-                joules[label].append(meter.read() - start_j)
+                joules[label].append(meter.joules()[channel] - start_j)
     return {
         label: (
             statistics.median(seconds[label]),
@@ -251,7 +261,7 @@ def _train_epochs(trainers: dict, rounds: int, meter) -> dict:
 def energy_section(runners: Runners, precision: str, skipped: list) -> dict:
     """Dense VGG vs its p = 0.5 ticket through the trainer, an epoch each in turn."""
     sizes = runners.sizes
-    meter, why = open_meter()
+    meter, channel, why = _meter()
     if meter is None:
         skipped.append(f"energy: no meter ({why}); seconds and FLOPs measured")
     data = _synthetic_cifar(sizes.epoch_images, sizes.batch)
@@ -261,10 +271,10 @@ def energy_section(runners: Runners, precision: str, skipped: list) -> dict:
             label: _trainer(data, workdir, net, precision, sizes.energy_rounds)
             for label, net in nets.items()
         }
-        measured = _train_epochs(trainers, sizes.energy_rounds, meter)
+        measured = _train_epochs(trainers, sizes.energy_rounds, meter, channel)
     flops = {label: forward_cost(model, (32, 32, 3)).flops for label, (model, _) in nets.items()}
     out = {
-        "meter": meter.name if meter else None,
+        "meter": f"{channel}: {meter.name(channel)}" if meter else None,
         "no_meter_because": why or None,
         "epoch_images": len(data.train) // sizes.batch * sizes.batch,
         "precision": precision,
@@ -333,7 +343,7 @@ def environment() -> dict:
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if "model name" in line), "")
-    meter, why = open_meter()
+    meter, channel, why = _meter()
     return {
         "backend": jax.default_backend(),
         "device": jax.devices()[0].device_kind,
@@ -341,7 +351,7 @@ def environment() -> dict:
         "host_cpu": cpu,
         "host_cores": os.cpu_count(),
         "versions": {p: _version(p) for p in PACKAGES},
-        "meter": meter.name if meter else f"none: {why}",
+        "meter": f"{channel}: {meter.name(channel)}" if meter else f"none: {why}",
     }
 
 
