@@ -140,7 +140,8 @@ def _check(factory: str, num_classes: int, image_shape: tuple, cut_widths) -> No
         raise ValueError(
             f"model {model.factory!r} has no BatchNorm: the ticket is drawn from BN scales"
         )
-    variables = jax.jit(model.init)(jax.random.key(0), model.example_input())
+    with jax.threefry_partitionable(False):  # as train.init_variables: seconds less to compile
+        variables = jax.jit(model.init)(jax.random.key(0), model.example_input())
     groups = trace_groups(model, variables, model.example_input())
     if all(g.frozen for g in groups):
         raise ValueError(
