@@ -10,7 +10,7 @@ from eb_jax import pipeline
 from eb_jax.checkpoint import load_model
 from eb_jax.config import ConfigError, validate
 
-MOBILENET = "zoo:MobileNetV2"  # tests/ is on the path, as for conftest
+MOBILENET = "zoo:mobilenet_v2_tiny"  # tests/ is on the path, as for conftest
 
 
 def not_a_module(num_classes):
