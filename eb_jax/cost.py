@@ -55,7 +55,11 @@ def forward_cost(model: nn.Module, input_shape, weight_mask=None) -> Cost:
     def kept(module, out, macs: int) -> int:  # MACs whose weight the mask keeps
         if weight_mask is None:
             return macs
-        mask = np.asarray(weight_mask[module.name]["kernel"])
+        mask = weight_mask.get(module.name, weight_mask)
+        if mask is weight_mask:  # a nested module (a factory's network): by its path
+            for key in module.path:
+                mask = mask[key]
+        mask = np.asarray(mask["kernel"])
         outputs = int(np.prod(getattr(module, "features", out.shape[-1])))
         return out.size // outputs * int(mask.sum())
 
@@ -70,6 +74,11 @@ def forward_cost(model: nn.Module, input_shape, weight_mask=None) -> Cost:
             counts["macs"] += macs
             counts["nonzero_macs"] += kept(module, out, macs)
             counts["flops"] += 2 * macs
+        elif isinstance(module, (nn.Conv, nn.ConvTranspose)):  # a factory network's
+            macs = _linen_conv_macs(module, inputs, out)
+            counts["macs"] += macs
+            counts["nonzero_macs"] += kept(module, out, macs)
+            counts["flops"] += 2 * macs + (out.size if module.use_bias else 0)
         elif isinstance(module, nn.Dense):
             macs = inputs.shape[-1] * out.size
             counts["macs"] += macs
@@ -86,6 +95,8 @@ def forward_cost(model: nn.Module, input_shape, weight_mask=None) -> Cost:
             counts["flops"] += flops
             counts["macs"] += macs
             counts["nonzero_macs"] += macs
+        elif isinstance(module, nn.BatchNorm):
+            counts["flops"] += 2 * inputs.size
         elif isinstance(module, layers.BatchNorm):
             counts["flops"] += 2 * inputs.size + (out.size if module.relu else 0)  # fused ReLU
         return out
@@ -100,6 +111,14 @@ def forward_cost(model: nn.Module, input_shape, weight_mask=None) -> Cost:
     params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
     nonzero = counts["nonzero_macs"] if weight_mask is not None else None
     return Cost(flops=counts["flops"], macs=counts["macs"], params=params, nonzero_macs=nonzero)
+
+
+def _linen_conv_macs(module, inputs, out) -> int:
+    """Multiply-adds of a flax nn.Conv (grouped too) or nn.ConvTranspose."""
+    window = int(np.prod(module.kernel_size))
+    if isinstance(module, nn.ConvTranspose):  # every input position meets the whole kernel
+        return window * inputs.size * out.shape[-1]
+    return window * inputs.shape[-1] // module.feature_group_count * out.size
 
 
 def _activation_and_pool_flops(jaxpr) -> int:
