@@ -1,14 +1,17 @@
 """A user's own linen network named `package.module:Factory`: EB Train end to end on it,
 resumed after the cut to the same result, rebuilt by `load_model`; the one-line errors."""
 
+import math
+
 import jax
 import numpy as np
 import pytest
 from conftest import assert_same_run, run_through_kills, tiny_config
 
-from eb_jax import pipeline
+from eb_jax import cost, pipeline
 from eb_jax.checkpoint import load_model
 from eb_jax.config import ConfigError, validate
+from eb_jax.models import create_model
 
 MOBILENET = "zoo:mobilenet_v2_tiny"  # tests/ is on the path, as for conftest
 
@@ -78,3 +81,16 @@ def test_a_custom_model_that_cannot_run_is_a_one_line_error(tmp_path, data_dir, 
         pipeline.run(config, str(tmp_path / "run"))
     assert "\n" not in str(error.value)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_cost_of_a_custom_model_counts_its_linen_convs():
+    # At a 1x1 image every conv output is one position: one multiply-add per kernel weight.
+    model = create_model("zoo:MobileNetV2", 10, image_shape=(1, 1, 3))
+    params = jax.eval_shape(model.init, jax.random.key(0), model.example_input())["params"]
+    kernels = sum(math.prod(k.shape) for p, k in _leaves(params) if p[-1] == "kernel")
+    assert cost.forward_cost(model, (1, 1, 3)).macs == kernels > 0
+
+
+def _leaves(tree):
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [(tuple(k.key for k in path), leaf) for path, leaf in flat]
