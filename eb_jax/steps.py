@@ -74,6 +74,7 @@ def fresh_state(ctx: RunContext, plan: StagePlan, model, variables) -> train.Tra
         plan.sparsity,
         plan.precision,
         plan.lr_origin,
+        model.bn_paths() if isinstance(model, Custom) else None,  # not a LayerNorm's scale
     )
     state = train.TrainState.create(
         apply_fn=data_lib.normalizing(model.apply, ctx.data.spec),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import assert_same_run, run_through_kills, tiny_config
 
-from eb_jax import cost, pipeline
+from eb_jax import cost, pipeline, train
 from eb_jax.checkpoint import load_model
 from eb_jax.config import ConfigError, validate
 from eb_jax.models import create_model
@@ -94,3 +94,14 @@ def test_the_cost_of_a_custom_model_counts_its_linen_convs():
 def _leaves(tree):
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return [(tuple(k.key for k in path), leaf) for path, leaf in flat]
+
+
+def test_bn_sparsity_on_a_custom_model_spares_its_layernorm():
+    model = create_model("zoo:HalfLayerNormCNN", 10, image_shape=(4, 4, 3))
+    params = model.init(jax.random.key(0), model.example_input())["params"]
+    zeros = jax.tree.map(np.zeros_like, params)
+    updates, _ = train.add_bn_sparsity(0.5, model.bn_paths()).update(zeros, None, params)
+    moved = {path[:-1] for path, u in _leaves(updates) if np.any(u)}
+    assert moved == set(model.bn_paths()) and moved
+    everything, _ = train.add_bn_sparsity(0.5).update(zeros, None, params)  # every 'scale'
+    assert any("LayerNorm" in "/".join(p) for p, u in _leaves(everything) if np.any(u))
