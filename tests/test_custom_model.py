@@ -98,7 +98,8 @@ def _leaves(tree):
 
 def test_bn_sparsity_on_a_custom_model_spares_its_layernorm():
     model = create_model("zoo:HalfLayerNormCNN", 10, image_shape=(4, 4, 3))
-    params = model.init(jax.random.key(0), model.example_input())["params"]
+    shapes = jax.eval_shape(model.init, jax.random.key(0), model.example_input())["params"]
+    params = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes)
     zeros = jax.tree.map(np.zeros_like, params)
     updates, _ = train.add_bn_sparsity(0.5, model.bn_paths()).update(zeros, None, params)
     moved = {path[:-1] for path, u in _leaves(updates) if np.any(u)}
