@@ -22,7 +22,7 @@ from eb_jax import cost, methods, names, paper_outputs, pipeline, report
 from eb_jax import main as main_lib
 from eb_jax.config import ConfigError, model_refuses, validate
 from eb_jax.data import DATASETS
-from eb_jax.models import create_model
+from eb_jax.models import create_model, custom
 from eb_jax.runlog import format_duration, logger
 
 # The paper's ticket epochs for Fig. 1 (10, 20, 40, 80, 120, 160 of 160) as fractions.
@@ -160,7 +160,8 @@ def projected_pflops(config) -> float:
     a cut network's stages at (1 - p)^2 of dense, a BN-scale ticket detected at epoch
     num_epochs / 8 (where the paper's emerged): estimates, until report.json has the truth."""
     spec = DATASETS[config.dataset]
-    model = create_model(config.model, spec.num_classes)
+    shape = {"image_shape": tuple(spec.image_shape)} if custom.is_custom(config.model) else {}
+    model = create_model(config.model, spec.num_classes, **shape)
     dense = cost.forward_cost(model, spec.image_shape).flops
     images = spec.train_examples // config.batch_size * config.batch_size
     steps, n = methods.method_steps(config), config.num_epochs
