@@ -13,7 +13,7 @@ import ml_collections
 
 from eb_jax import lowp, methods, names
 from eb_jax.data import DATASETS, DataError, dali
-from eb_jax.models import MODELS, ViT
+from eb_jax.models import MODELS, ViT, custom
 from eb_jax.ticket import EarlyBirdDetector
 
 
@@ -316,7 +316,9 @@ def _check_model(config) -> None:
 
 def model_refuses(config) -> str | None:
     """Why the config's model cannot run it, or None: a ViT takes no bfp8 (it quantises
-    conv activations) and no conv-filter criterion (ThiNet, SFP)."""
+    conv activations) and no conv-filter criterion (ThiNet, SFP); nor does a factory's."""
+    if custom.is_custom(config.model):
+        return _custom_refuses(config)
     model = MODELS.get(config.model)
     if not (isinstance(model, functools.partial) and issubclass(model.func, ViT)):
         return None
@@ -324,4 +326,23 @@ def model_refuses(config) -> str | None:
         return f"model {config.model!r} takes precision 'fp32' or 'bf16', not 'bfp8'"
     if config.method in (names.THINET, names.SFP):
         return f"method {config.method!r} prunes conv filters; a ViT runs eb, ns, lt, snip, dense"
+    return None
+
+
+def _custom_refuses(config) -> str | None:
+    """Why a factory's model ('package.module:Factory') cannot run the config, or None."""
+    try:
+        custom.resolve(config.model)
+    except ValueError as e:
+        return str(e)
+    if config.method in (names.THINET, names.SFP):
+        return (
+            f"method {config.method!r} needs the layer each conv's filters feed, declared only "
+            f"for the built-in models; {config.model!r} runs eb, ns, lt, snip, dense"
+        )
+    precisions = (config.precision.search, config.precision.retrain)
+    if "bfp8" in precisions:
+        return f"model {config.model!r} takes precision 'fp32' or 'bf16', not 'bfp8'"
+    if "bf16" in precisions and not custom.takes_dtype(config.model):
+        return f"precision 'bf16' needs a `dtype` argument of {config.model!r}; it takes none"
     return None

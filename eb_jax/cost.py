@@ -68,7 +68,11 @@ def _trace(model: nn.Module, input_shape, weight_mask=None) -> tuple[dict, int, 
     def kept(module, out, macs: int) -> int:  # MACs whose weight the mask keeps
         if weight_mask is None:
             return macs
-        mask = np.asarray(weight_mask[module.name]["kernel"])
+        mask = weight_mask.get(module.name, weight_mask)
+        if mask is weight_mask:  # a nested module (a factory's network): by its path
+            for key in module.path:
+                mask = mask[key]
+        mask = np.asarray(mask["kernel"])
         outputs = int(np.prod(getattr(module, "features", out.shape[-1])))
         return out.size // outputs * int(mask.sum())
 
@@ -81,6 +85,9 @@ def _trace(model: nn.Module, input_shape, weight_mask=None) -> tuple[dict, int, 
         if isinstance(module, layers.Conv):
             entry["macs"] = module.kernel_size**2 * inputs.shape[-1] * out.size
             entry["flops"] = 2 * entry["macs"]
+        elif isinstance(module, (nn.Conv, nn.ConvTranspose)):  # a factory network's
+            entry["macs"] = _linen_conv_macs(module, inputs, out)
+            entry["flops"] = 2 * entry["macs"] + (out.size if module.use_bias else 0)
         elif isinstance(module, nn.Dense):
             entry["macs"] = inputs.shape[-1] * out.size
             entry["flops"] = 2 * entry["macs"] + (out.size if module.use_bias else 0)
@@ -92,6 +99,8 @@ def _trace(model: nn.Module, input_shape, weight_mask=None) -> tuple[dict, int, 
             entry["flops"], entry["macs"] = module.flops(inputs, out)
             modules["/".join(module.path)] = {**entry, "kept_macs": entry["macs"]}
             return out
+        elif isinstance(module, nn.BatchNorm):  # a factory network's
+            entry["flops"] = 2 * inputs.size
         elif isinstance(module, layers.BatchNorm):
             entry["flops"] = 2 * inputs.size + (out.size if module.relu else 0)  # fused ReLU
         else:
@@ -109,6 +118,14 @@ def _trace(model: nn.Module, input_shape, weight_mask=None) -> tuple[dict, int, 
     if getattr(model, "ELEMENTWISE_IN_MODULES", False):
         return modules, 0, params
     return modules, _activation_and_pool_flops(jaxpr.jaxpr), params
+
+
+def _linen_conv_macs(module, inputs, out) -> int:
+    """Multiply-adds of a flax nn.Conv (grouped too) or nn.ConvTranspose."""
+    window = int(np.prod(module.kernel_size))
+    if isinstance(module, nn.ConvTranspose):  # every input position meets the whole kernel
+        return window * inputs.size * out.shape[-1]
+    return window * inputs.shape[-1] // module.feature_group_count * out.size
 
 
 def _activation_and_pool_flops(jaxpr) -> int:

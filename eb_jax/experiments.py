@@ -25,7 +25,7 @@ from eb_jax import main as main_lib
 from eb_jax.checkpoint import Checkpointer, config_record
 from eb_jax.config import ConfigError, default_config, model_refuses, validate
 from eb_jax.data import DATASETS
-from eb_jax.models import create_model
+from eb_jax.models import create_model, custom
 from eb_jax.runlog import format_duration, logger
 from eb_jax.ticket.groups import channel_groups, consumer_conv, interior_groups
 
@@ -255,9 +255,14 @@ def projected_pflops(config) -> tuple[float, float]:
     return bounds[0], bounds[1]
 
 
+def _create(model: str, num_classes: int, shape: tuple):
+    custom_shape = {"image_shape": tuple(shape)} if custom.is_custom(model) else {}
+    return create_model(model, num_classes, **custom_shape)
+
+
 @functools.cache
 def _dense_flops(model: str, num_classes: int, shape: tuple) -> int:
-    return cost.forward_cost(create_model(model, num_classes), shape).flops
+    return cost.forward_cost(_create(model, num_classes, shape), shape).flops
 
 
 def _cut_flops(config, criterion: str) -> tuple[int, int]:
@@ -275,7 +280,10 @@ def _cut_flops(config, criterion: str) -> tuple[int, int]:
 
 @functools.cache
 def _cut_range(model_name, num_classes, shape, criterion, ratio, plan_options):
-    model = create_model(model_name, num_classes)
+    model = _create(model_name, num_classes, shape)
+    if custom.is_custom(model_name):  # no declared groups: the uniform cut .. dense
+        dense = cost.forward_cost(model, shape).flops
+        return int(dense * (1 - ratio) ** 2), dense
     if criterion != methods.TICKET:  # ThiNet, SFP: floor(p * C) of every interior layer
         groups = interior_groups(model)
         if criterion == methods.THINET:  # the layers a conv reads (prune.thinet)

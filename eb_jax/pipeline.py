@@ -44,7 +44,7 @@ def run(config, workdir: str) -> dict:
     steps = methods.method_steps(config)
     data = data_lib.open_dataset(config.dataset, config.data_dir or None)
     # An unknown model or an option the data cannot meet fails before the workdir is touched.
-    dense_model = steps_lib.build_model(config, data.num_classes)
+    dense_model = steps_lib.build_model(config, data.num_classes, shape=data.spec.image_shape)
     steps_lib.check_options(config, steps, data)
     prepare_workdir(workdir)
     checkpointer = Checkpointer(workdir, config.checkpoints_to_keep, config.async_checkpoints)
@@ -80,7 +80,7 @@ def _report(ctx: RunContext, steps, net: steps_lib.Network) -> dict:
     parallel.check_replicas_same_on_all_processes(trainer.state.params, "the final weights")
     swa = _finish_swa(ctx, trainer, final) if trainer.swa.count else None
     shape = ctx.data.spec.image_shape
-    dense_model = steps_lib.build_model(config, ctx.data.num_classes)
+    dense_model = steps_lib.build_model(config, ctx.data.num_classes, shape=shape)
     dense = cost.forward_cost(dense_model, shape)
     same = model_widths(trainer.model) == model_widths(dense_model) and net.weight_mask is None
     end = dense if same else cost.forward_cost(trainer.model, shape, net.weight_mask)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 
 import jax
@@ -18,11 +19,13 @@ from eb_jax.checkpoint import load_model
 from eb_jax.config import ConfigError, stage_precision
 from eb_jax.methods import Prune, Stage
 from eb_jax.models import create_model
+from eb_jax.models.custom import Custom, is_custom
+from eb_jax.models.custom import check as check_custom
 from eb_jax.prune.sfp import hard_prune_masks
 from eb_jax.prune.thinet import thinet_prune
 from eb_jax.prune.weights import magnitude_mask, nonzero_fraction, snip_mask
 from eb_jax.runlog import logger
-from eb_jax.ticket import mask_distance
+from eb_jax.ticket import cut, mask_distance
 from eb_jax.ticket.export import save_ticket
 from eb_jax.ticket.search import TicketSearch
 from eb_jax.ticket.surgery import apply_cut, fold_constant_channels, plan_cut
@@ -72,6 +75,7 @@ def fresh_state(ctx: RunContext, plan: StagePlan, model, variables) -> train.Tra
         plan.precision,
         plan.lr_origin,
         plan.name,
+        model.bn_paths() if isinstance(model, Custom) else None,  # not a LayerNorm's scale
     )
     state = train.TrainState.create(
         apply_fn=data_lib.normalizing(model.apply, ctx.data.spec),
@@ -328,6 +332,8 @@ def _soft_pruned_result(trainer: Trainer) -> dict:
 def _cut(config, model, masks, variables, fold: dict | None = None):
     """(narrow model, `variables` cut to it) for per-BN keep-masks; `fold`: a dict that
     gets the counts of constant channels folded into the cut network and left out."""
+    if isinstance(model, Custom):
+        return _cut_traced(config, model, masks, variables)
     try:
         plan = plan_cut(
             model,
@@ -355,6 +361,25 @@ def _cut(config, model, masks, variables, fold: dict | None = None):
             fold["lost_offsets"],
         )
     return narrow, cut
+
+
+def _cut_traced(config, model: Custom, masks, variables):
+    """A factory's network cut along its traced channel groups (ticket.cut)."""
+    by_path = dict(zip(model.bn_paths(), masks, strict=True))
+    try:
+        narrow, cut_variables, _ = cut(
+            model,
+            variables,
+            by_path,
+            model.example_input(),
+            min_channels=config.min_channels,
+            round_to=config.round_to,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    widths = getattr(type(narrow), "eb_widths", None)
+    narrow = model.clone(cut_widths=json.dumps(widths, sort_keys=True) if widths else None)
+    return narrow, jax.tree.map(np.asarray, cut_variables)
 
 
 def _log_prune(ctx, prune: Prune, before: dict, after: dict, weight_mask) -> None:
@@ -413,11 +438,19 @@ def load_init(workdir: str) -> dict:
     return load_model(path)[1]
 
 
-def build_model(config, num_classes: int, widths: dict | None = None, after_prune: bool = False):
+def build_model(
+    config, num_classes: int, widths: dict | None = None, after_prune: bool = False, shape=None
+):
+    """The config's model; a factory's (custom) also needs the image `shape` (H, W, C)
+    unless `widths` (a checkpoint's) record it, and is checked to be prunable."""
+    widths = dict(widths or {})
+    if is_custom(config.model) and "image_shape" not in widths:
+        widths["image_shape"] = tuple(shape)
     try:
         precision = stage_precision(config, after_prune)
-        return create_model(
-            config.model, num_classes, config.conv_impl, precision, **(widths or {})
-        )
+        model = create_model(config.model, num_classes, config.conv_impl, precision, **widths)
+        if is_custom(config.model):
+            check_custom(model)
+        return model
     except ValueError as e:
         raise ConfigError(str(e)) from None

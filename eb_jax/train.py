@@ -56,19 +56,24 @@ def stage_lr(config, steps_per_epoch: int, lr_origin: int = 0, stage: str = ""):
     return lambda step: schedule(step - lr_origin)
 
 
-def _is_bn_scale(params):
-    """Marks the BatchNorm scale leaves (the only params named 'scale' in eb_jax models)."""
-    return flax.traverse_util.path_aware_map(lambda path, _: path[-1] == "scale", params)
+def _is_bn_scale(params, bn_paths=None):
+    """Marks the BatchNorm scale leaves: those of `bn_paths` (module paths), default every
+    param named 'scale' (only BatchNorms' in eb_jax's own models)."""
+    bns = None if bn_paths is None else {tuple(p) for p in bn_paths}
+    return flax.traverse_util.path_aware_map(
+        lambda path, _: path[-1] == "scale" and (bns is None or tuple(path[:-1]) in bns), params
+    )
 
 
-def add_bn_sparsity(strength: float) -> optax.GradientTransformation:
-    """Network slimming: adds strength * sign(scale) to every BN scale gradient.
+def add_bn_sparsity(strength: float, bn_paths=None) -> optax.GradientTransformation:
+    """Network slimming: adds strength * sign(scale) to every BN scale gradient (the BNs
+    at `bn_paths`, default every 'scale' param).
 
     Applied before weight decay and momentum, as the original adds it to `.grad`.
     """
 
     def update(updates, state, params):
-        flags = _is_bn_scale(params)
+        flags = _is_bn_scale(params, bn_paths)
         updates = jax.tree.map(
             lambda u, p, is_scale: u + strength * jnp.sign(p) if is_scale else u,
             updates,
@@ -88,6 +93,7 @@ def create_optimizer(
     precision: lowp.Precision = lowp.FP32,
     lr_origin: int = 0,
     stage: str = "",
+    bn_paths=None,
 ) -> optax.GradientTransformation:
     """SGD with PyTorch semantics: g += s*sign(bn scale); g += wd*p; buf = m*buf + g.
     With config.optimizer 'adamw': g += s*sign(scale), then AdamW (`_adamw`).
@@ -96,6 +102,7 @@ def create_optimizer(
     schedule (`stage_lr` of `stage`) starting at step `lr_origin`.
     `sparsity`: s, default `config.sparsity` (0 where no ticket is drawn from the scales).
     `precision` 'bfp8': g quantised after the sparsity term, buf after each update.
+    `bn_paths`: the BNs the sparsity acts on (a factory's network), default every 'scale'.
     """
     sparsity = config.sparsity if sparsity is None else sparsity
     schedule = stage_lr(config, steps_per_epoch, stage=stage)
@@ -105,7 +112,7 @@ def create_optimizer(
         schedule = lambda count: base(count + offset)  # noqa: E731
     parts = []
     if sparsity:
-        parts.append(add_bn_sparsity(sparsity))
+        parts.append(add_bn_sparsity(sparsity, bn_paths))
     if config.optimizer == "adamw":
         return optax.chain(*parts, _adamw(config, schedule))
     fmt = precision.bfp

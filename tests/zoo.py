@@ -41,13 +41,14 @@ class MobileNetV2(nn.Module):
 
     num_classes: int = 10
     dtype: Any = jnp.float32
+    blocks: tuple = ((8, 1, 1), (12, 4, 2), (12, 4, 1), (16, 4, 2))  # (features, expand, stride)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = nn.Conv(16, (3, 3), use_bias=False, dtype=self.dtype)(x.astype(self.dtype))
         x = nn.relu6(_bn(train, dtype=self.dtype)(x))
         width = 16
-        for features, expand, stride in ((8, 1, 1), (12, 4, 2), (12, 4, 1), (16, 4, 2)):
+        for features, expand, stride in self.blocks:
             residual = stride == 1 and width == features
             x = InvertedResidual(features, expand, stride, residual, self.dtype)(x, train)
             width = features
@@ -55,6 +56,11 @@ class MobileNetV2(nn.Module):
         x = nn.relu6(_bn(train, dtype=self.dtype)(x))
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+def mobilenet_v2_tiny(num_classes: int, dtype: Any = jnp.float32) -> MobileNetV2:
+    """Two blocks (one an inverted residual), for the end-to-end tests."""
+    return MobileNetV2(num_classes, dtype, blocks=((16, 2, 1), (16, 2, 2)))
 
 
 class ResNeXt(nn.Module):

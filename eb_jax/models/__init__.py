@@ -11,6 +11,7 @@ import functools
 import flax.linen as nn
 
 from eb_jax.lowp import FP32, Precision
+from eb_jax.models import custom
 from eb_jax.models.preresnet import PreResNet
 from eb_jax.models.resnet import ResNet
 from eb_jax.models.vgg import VGG, VGG_CFGS
@@ -51,7 +52,12 @@ MODELS = {
 def create_model(
     name: str, num_classes: int, conv_impl: str = "auto", precision: Precision = FP32, **widths
 ) -> nn.Module:
-    """Builds a registered model; `widths` override its dense per-layer widths."""
+    """Builds a registered model, or a factory's ('package.module:Factory', with its
+    `image_shape`); `widths` override its dense per-layer widths."""
+    if custom.is_custom(name):
+        model = custom.Custom(name, num_classes, conv_impl=conv_impl, precision=precision, **widths)
+        custom.build(name, num_classes, precision)  # its one-line errors, now
+        return model
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     return MODELS[name](num_classes=num_classes, conv_impl=conv_impl, precision=precision, **widths)

@@ -126,7 +126,7 @@ def _find(tree, path):
     return tree
 
 
-def _set_widths(widths: dict, next_fun, args, kwargs, context):
+def set_widths(widths: dict, next_fun, args, kwargs, context):
     setting = widths.get("/".join(context.module.path))
     if setting and context.method_name == "__call__":
         for name, value in setting.items():
@@ -142,7 +142,7 @@ def _narrow_class(base: type, widths_json: str) -> type:
 
     @functools.wraps(base.__call__)
     def __call__(self, *args, **kwargs):
-        with nn.intercept_methods(functools.partial(_set_widths, widths)):
+        with nn.intercept_methods(functools.partial(set_widths, widths)):
             return base.__call__(self, *args, **kwargs)
 
     if getattr(base.__call__, "compact", False):
