@@ -19,7 +19,17 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="eb_j
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+import logging  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _eb_jax_logger_reaches_caplog():
+    """A CLI run in-process turns the eb_jax logger's propagation off (runlog.setup_logging);
+    every test starts with it on, so caplog sees eb_jax's records whatever ran before."""
+    logging.getLogger("eb_jax").propagate = True
+    yield
 
 
 @pytest.fixture(scope="session")

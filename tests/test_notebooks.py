@@ -16,6 +16,8 @@ EPOCHS = {
     "reproduce_paper": 4,
     "vit_early_bird": 8,
 }
+# Extra parameters for the test's shorter runs: the grid notebook on the tiny VGG, one ratio.
+EXTRA = {"reproduce_paper": '\nMODEL = "vgg_tiny"\nFIG1_RATIOS = (0.5,)'}
 
 
 @pytest.mark.parametrize("name", sorted(EPOCHS))
@@ -25,6 +27,7 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, data_dir):
     assert len(parameters) == 1, "one cell tagged 'parameters' (papermill's convention)"
     workdir = str(tmp_path / "run")
     source = f"EPOCHS = {EPOCHS[name]}\nWORKDIR = {workdir!r}\nDATA_DIR = {data_dir!r}"
+    source += EXTRA.get(name, "")
     parameters[0].source = source
     client = NotebookClient(
         book, timeout=600, kernel_name="python3", resources={"metadata": {"path": ROOT}}
