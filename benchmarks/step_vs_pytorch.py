@@ -51,16 +51,18 @@ def jax_model(name: str, precision: str):
     return create_model(name, num_classes, precision=Precision(precision))
 
 
-def jax_runner(model, variables, batch):
+def jax_runner(model, variables, batch, config=None):
     """A function running one eb_jax train step (state donated), and the step's FLOPs
-    (3 forward passes per image, the paper's convention)."""
-    config = default_config()
-    config.weight_decay, config.sparsity = WEIGHT_DECAY, SPARSITY
+    (3 forward passes per image, the paper's convention). `config`: the optimizer's
+    settings, default SGD with this benchmark's weight decay and sparsity."""
+    if config is None:
+        config = default_config()
+        config.weight_decay, config.sparsity = WEIGHT_DECAY, SPARSITY
     variables = jax.tree.map(jnp.array, variables)
     state = train.TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
-        batch_stats=variables["batch_stats"],
+        batch_stats=variables.get("batch_stats", {}),
         tx=train.create_optimizer(config, 100),
     )
     step = jax.jit(train.train_step, donate_argnums=0).lower(state, batch).compile()

@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 
 import jax
 import numpy as np
+from step_vs_pytorch import median_seconds
 
 import eb_jax  # noqa: F401  (sets the CPU XLA flags before JAX starts)
 from eb_jax.models import create_model
@@ -38,15 +37,6 @@ def _cpu() -> str:
             return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main():
@@ -70,7 +60,8 @@ def main():
         "cut_ticket (declared)": lambda: cut_ticket(model, variables, masks, prune_residual=True),
     }
     for name, fn in timings.items():
-        print(f"{name:22s} {_median_seconds(fn, repeats):6.2f} s (median of {repeats})")
+        seconds = median_seconds({name: fn}, repeats, 0)[name]
+        print(f"{name:22s} {seconds:6.2f} s (median of {repeats})")
 
 
 if __name__ == "__main__":

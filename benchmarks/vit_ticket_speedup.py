@@ -16,11 +16,10 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
-from step_vs_pytorch import median_seconds
+from step_vs_pytorch import jax_runner, median_seconds
 
 from eb_jax import platform, train
 from eb_jax.config import default_config
-from eb_jax.cost import forward_cost
 from eb_jax.models import bn_scales, create_model
 from eb_jax.ticket.surgery import cut_ticket
 from eb_jax.ticket.vit_groups import gate_mask
@@ -47,27 +46,11 @@ def networks(name: str, ratios) -> dict:
     return nets
 
 
-def step_runner(model, variables, batch):
-    """A function running one AdamW train step (state donated), and the step's FLOPs."""
+def adamw_config():
+    """The optimizer the ViT configs train with (AdamW), with BN-scale (gate) sparsity."""
     config = default_config()
     config.update(optimizer="adamw", learning_rate=1e-3, weight_decay=0.05, sparsity=1e-4)
-    state = train.TrainState.create(
-        apply_fn=model.apply,
-        params=jax.tree.map(jnp.array, variables["params"]),
-        batch_stats={},
-        tx=train.create_optimizer(config, 100),
-    )
-    step = jax.jit(train.train_step, donate_argnums=0).lower(state, batch).compile()
-    images = batch["image"]
-    flops = 3 * forward_cost(model, images.shape[1:]).flops * images.shape[0]
-    holder = {"state": state}
-
-    def run():
-        holder["state"], metrics = step(holder["state"], batch)
-        jax.block_until_ready(metrics)
-
-    run()
-    return run, flops
+    return config
 
 
 def benchmark(name: str, ratios, steps: int, batch_size: int, warmup: int) -> None:
@@ -77,7 +60,7 @@ def benchmark(name: str, ratios, steps: int, batch_size: int, warmup: int) -> No
         "label": jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32),
     }
     nets = networks(name, ratios)
-    runners = {key: step_runner(net, v, batch) for key, (net, v) in nets.items()}
+    runners = {key: jax_runner(net, v, batch, adamw_config()) for key, (net, v) in nets.items()}
     seconds = median_seconds({k: run for k, (run, _) in runners.items()}, steps, warmup)
     print(f"{name}, batch {batch_size}: train step")
     for key, (net, _) in nets.items():
