@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import eb_jax  # noqa: F401  (sets the CPU XLA flags before JAX starts)
 from eb_jax.models.layers import Conv
+from eb_jax.platform import configure_process
 
 SHAPES = [(32, 3, 64), (32, 64, 64), (16, 128, 128), (8, 256, 256), (4, 512, 512), (2, 512, 512)]
 
@@ -33,6 +33,7 @@ def _median_ms(fn, *args, repeats=5):
 
 
 def main():
+    configure_process()  # eb_jax's CPU settings, before JAX starts
     print("hw  cin cout | xla fwd / grad ms | patches fwd / grad ms | grad ratio xla/patches")
     for hw, cin, cout in SHAPES:
         x = jnp.asarray(np.random.default_rng(0).standard_normal((64, hw, hw, cin), np.float32))

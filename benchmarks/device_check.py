@@ -55,6 +55,7 @@ from eb_jax.data.in_memory import ArraySource
 from eb_jax.data.input_pipeline import default_workers
 from eb_jax.energy import open_meter
 from eb_jax.lowp import Precision
+from eb_jax.platform import configure_process
 from eb_jax.runlog import MetricWriter
 from eb_jax.trainer import Clock, RunContext, StagePlan, Trainer
 
@@ -491,6 +492,7 @@ def _step_rate(results: dict, runners: Runners) -> tuple:
 
 
 def main(argv=None) -> int:
+    configure_process()  # eb_jax's CPU settings, before JAX starts
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="device_check", help="folder for the JSON and table")
     parser.add_argument("--quick", action="store_true", help="tiny networks and sizes (CPU)")

@@ -21,6 +21,7 @@ import numpy as np
 from eb_jax import platform, train
 from eb_jax.config import default_config
 from eb_jax.models import bn_scales, create_model
+from eb_jax.platform import configure_process
 from eb_jax.ticket import EarlyBirdDetector
 from eb_jax.ticket.search import TicketSearch
 
@@ -77,6 +78,7 @@ def measure(name, shape, classes, epoch_images, batch_size, repeats):
 
 
 def main():
+    configure_process()  # eb_jax's CPU settings, before JAX starts
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()

@@ -24,7 +24,7 @@ CHILD = """
 import json, resource, statistics, sys, time
 sys.path.insert(0, {benchmarks!r})
 from eb_jax import platform
-platform.reuse_host_memory({reuse})
+platform.configure_process(reuse_memory={reuse})
 import jax.numpy as jnp
 import numpy as np
 from step_vs_pytorch import jax_runner, networks

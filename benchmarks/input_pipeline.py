@@ -32,6 +32,7 @@ from eb_jax.config import default_config
 from eb_jax.data import eval_batches, normalizing, open_dataset, train_batches
 from eb_jax.data.input_pipeline import Dataset
 from eb_jax.models import create_model
+from eb_jax.platform import configure_process
 
 
 def _cifar_mock(num_examples: int):
@@ -147,6 +148,7 @@ def imagenet_rates(images: int, batch_size: int, rounds: int):
 
 
 def main():
+    configure_process()  # eb_jax's CPU settings, before JAX starts
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=64)

@@ -22,6 +22,7 @@ import numpy as np
 from eb_jax import lowp, platform, train
 from eb_jax.config import default_config
 from eb_jax.models import create_model
+from eb_jax.platform import configure_process
 
 # model: (input shape, classes, batch) as in the paper's runs
 CASES = {
@@ -80,6 +81,7 @@ def benchmark(name: str, precisions, rounds: int, chunk: int, batch_size: int | 
 
 
 def main():
+    configure_process()  # eb_jax's CPU settings, before JAX starts
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["vgg16", "resnet50"], choices=CASES)
     parser.add_argument("--precisions", nargs="+", default=list(lowp.PRECISIONS))

@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from eb_jax import report  # noqa: E402
+from eb_jax.platform import configure_process  # noqa: E402
 
 # name: config overrides. The default list is the paper's Table 2 rows, in its order.
 VARIANTS = {
@@ -70,6 +71,7 @@ def run_method(method: str, seed: int, root: str) -> dict:
 
 
 def main() -> None:
+    configure_process()  # eb_jax's CPU settings, before JAX starts
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=TABLE2, choices=VARIANTS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])

@@ -37,6 +37,7 @@ from eb_jax.cost import forward_cost
 from eb_jax.lowp import Precision
 from eb_jax.models import bn_scales, create_model
 from eb_jax.models.preresnet import EXPANSION, STAGE_PLANES, PreResNet, blocks_per_stage
+from eb_jax.platform import configure_process
 from eb_jax.ticket import channel_mask
 from eb_jax.ticket.surgery import cut_ticket
 
@@ -275,6 +276,7 @@ def compare(name: str, args) -> dict:
 
 
 def main():
+    configure_process()  # eb_jax's CPU settings, before JAX starts
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["vgg16", "preresnet56", "preresnet101"])
     parser.add_argument("--resnet50", action="store_true", help="add ResNet-50 at 224 px")

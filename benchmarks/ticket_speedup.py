@@ -30,6 +30,7 @@ from step_vs_pytorch import networks as tickets
 
 from eb_jax import platform
 from eb_jax.models.layers import Conv
+from eb_jax.platform import configure_process
 
 
 def _conv_calls(model, variables, image):
@@ -118,6 +119,7 @@ def benchmark(name: str, ratios, steps: int, batch_size: int, round_to: int = 0,
 
 
 def main():
+    configure_process()  # eb_jax's CPU settings, before JAX starts
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["vgg16", "preresnet101"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])

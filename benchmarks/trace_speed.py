@@ -18,8 +18,8 @@ import jax
 import numpy as np
 from step_vs_pytorch import median_seconds
 
-import eb_jax  # noqa: F401  (sets the CPU XLA flags before JAX starts)
 from eb_jax.models import create_model
+from eb_jax.platform import configure_process
 from eb_jax.ticket import cut, trace_groups
 from eb_jax.ticket.surgery import cut_ticket
 
@@ -40,6 +40,7 @@ def _cpu() -> str:
 
 
 def main():
+    configure_process()  # eb_jax's CPU settings, before JAX starts
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     repeats = parser.parse_args().repeats

@@ -21,6 +21,7 @@ from step_vs_pytorch import jax_runner, median_seconds
 from eb_jax import platform, train
 from eb_jax.config import default_config
 from eb_jax.models import bn_scales, create_model
+from eb_jax.platform import configure_process
 from eb_jax.ticket.surgery import cut_ticket
 from eb_jax.ticket.vit_groups import gate_mask
 
@@ -74,6 +75,7 @@ def benchmark(name: str, ratios, steps: int, batch_size: int, warmup: int) -> No
 
 
 def main():
+    configure_process()  # eb_jax's CPU settings, before JAX starts
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["vit_cifar", "vit_digits"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])

@@ -1,7 +1,8 @@
 """Checkpoints with orbax: arrays (StandardSave) + a JSON record (JsonSave) per step.
 
 The JSON record holds what is needed *before* arrays can be restored: the model name,
-its per-layer widths and class count, the stage, the training position and the config.
+its per-layer widths and class count, the stage, the training position and the config
+(eb_jax.config.config_record).
 `restore` reads it first, builds the (possibly pruned) model's abstract state, then
 restores the arrays. A damaged newest step is reported in one line, moved aside (never
 deleted) and the previous step is used. No pickles: arrays go to orbax, the rest to JSON.
@@ -10,8 +11,6 @@ deleted) and the previous step is used. No pickles: arrays go to orbax, the rest
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
 import logging
 import os
 import sys
@@ -24,67 +23,9 @@ import orbax.checkpoint as ocp
 
 logger = logging.getLogger("eb_jax")
 
-# Config fields that fix a run's trajectory: resuming with other values is an error.
-RESUME_FIELDS = (
-    "model",
-    "dataset",
-    "batch_size",
-    "learning_rate",
-    "lr_boundaries",
-    "lr_decay",
-    "search_lr",
-    "momentum",
-    "weight_decay",
-    "sparsity",
-    "seed",
-    "method",
-    "prune_ratio",
-    "monitor_ratios",
-    "eb_window",
-    "eb_eps",
-    "eb_rule",
-    "keep_searching",
-    "ticket_epoch",
-    "retrain",
-    "min_channels",
-    "round_to",
-    "prune_residual",
-    "precision",
-    "bfp",
-    "swa_start_epoch",
-    "sparsity_stages",
-    "retrain_schedule",
-    "lt_granularity",
-    "thinet_images",
-    "thinet_locations",
-    "snip_batches",
-)
-
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says why and what to do."""
-
-
-def config_record(config) -> dict:
-    """The resume-relevant config fields as JSON values, and their hash."""
-    fields = {k: _jsonable(config[k]) for k in RESUME_FIELDS if k in config}
-    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-    return {"fields": fields, "hash": digest}
-
-
-def check_config_matches(config, meta: dict, workdir: str) -> None:
-    """Raises CheckpointError naming the fields where `config` differs from the run's."""
-    saved, now = meta["config"]["fields"], config_record(config)["fields"]
-    diffs = [
-        f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} now"
-        for k, v in now.items()
-        if saved.get(k) != v
-    ]
-    if diffs:
-        raise CheckpointError(
-            f"{workdir} holds a run with a different config ({'; '.join(diffs)}); resume "
-            "with the same values or start a new run with another --workdir"
-        )
 
 
 class Checkpointer:
@@ -113,7 +54,7 @@ class Checkpointer:
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(_jsonable(meta))
+                arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(jsonable(meta))
             ),
         )
 
@@ -225,12 +166,12 @@ def load_model(workdir: str):
     return models["model"], variables, meta
 
 
-def _jsonable(value):
+def jsonable(value):
     """Config values and numpy scalars as plain JSON types (tuples become lists)."""
     if isinstance(value, dict) or hasattr(value, "items"):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     return value

@@ -6,12 +6,15 @@ Config files in `configs/` start from `default_config()` and override what diffe
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
+import json
 import os
 
 import ml_collections
 
 from eb_jax import lowp, methods, names
+from eb_jax.checkpoint import CheckpointError, jsonable
 from eb_jax.data import DATASETS, DataError, dali
 from eb_jax.models import MODELS, ViT, custom
 from eb_jax.ticket import EarlyBirdDetector
@@ -150,6 +153,79 @@ def _runtime_fields(c: ml_collections.ConfigDict) -> None:
     # processes) or 'dali' (NVIDIA DALI on the GPUs, requirements-gpu.txt; grain still
     # reads the records). In-memory datasets (digits, CIFAR) take 'grain'.
     c.input_backend = "grain"
+
+
+# Every field of default_config(), classified once (tests/test_config.py fails on a field
+# that is not). TRAJECTORY: what the run computes, bit for bit: a resume with other values
+# is refused, and an experiment grid reuses a finished run only where they all match.
+# GROWABLE: num_epochs may grow when a run resumes: it trains on as a run started with
+# the larger value would have (refused under lr_schedule='cosine', which num_epochs
+# shapes). FREE: where and how fast the run executes, and what a grid runs; free to change.
+TRAJECTORY_FIELDS = (
+    # the network, data and optimisation
+    "model", "dataset", "batch_size", "seed", "learning_rate", "lr_boundaries", "lr_decay",
+    "search_lr", "momentum", "weight_decay", "sparsity", "sparsity_stages", "optimizer",
+    "adam_betas", "grad_clip_norm", "lr_schedule", "warmup_epochs", "label_smoothing",
+    # the method and its ticket
+    "method", "prune_ratio", "monitor_ratios", "eb_window", "eb_eps", "eb_rule",
+    "keep_searching", "ticket_epoch", "retrain", "retrain_schedule", "lt_granularity",
+    "thinet_images", "thinet_locations", "snip_batches", "min_channels", "round_to",
+    "prune_residual", "precision", "bfp", "swa_start_epoch",
+    # the numbers' path: the convolution code, the decoder, and the steps at which the
+    # devices' BN statistics are averaged (every checkpoint)
+    "conv_impl", "cpu_xla_flags", "input_backend", "checkpoint_every_steps",
+)  # fmt: skip
+GROWABLE_FIELDS = ("num_epochs",)
+FREE_FIELDS = (
+    "data_dir", "eval_batch_size", "grid_ratios", "grid_ticket_epochs", "distributed",
+    "reuse_host_memory", "log_every_steps", "checkpoints_to_keep", "energy_sample_seconds",
+    "async_checkpoints", "num_data_threads", "num_data_workers",
+)  # fmt: skip
+
+
+def config_record(config) -> dict:
+    """The trajectory-defining fields and num_epochs as JSON values, and their hash:
+    what checkpoints and report.json record of the config."""
+    fields = {k: jsonable(config[k]) for k in TRAJECTORY_FIELDS + GROWABLE_FIELDS if k in config}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    return {"fields": fields, "hash": digest}
+
+
+def config_differences(config, recorded: dict, fields=TRAJECTORY_FIELDS) -> list[str]:
+    """'field: VALUE there, VALUE now' for each of `fields` where `config` differs from a
+    run's recorded fields (a field newer than the run counts as its default there)."""
+    now, default = (config_record(c)["fields"] for c in (config, default_config()))
+    there = {k: recorded.get(k, default.get(k)) for k in fields}
+    differ = [k for k in fields if there[k] != now.get(k)]
+    return [f"{k}: {there[k]!r} there, {now.get(k)!r} now" for k in differ]
+
+
+def check_resumable(config, record: dict, workdir: str) -> None:
+    """CheckpointError unless `config` may resume the run whose checkpoint's JSON record
+    is `record`: the same trajectory fields, and num_epochs the same or (step LR
+    schedule) larger."""
+    diffs = config_differences(config, record["config"]["fields"])
+    before = record["config"]["fields"].get("num_epochs", config.num_epochs)
+    if config.num_epochs < before:
+        diffs.append(f"num_epochs: {before} there, {config.num_epochs} now (it may only grow)")
+    elif config.num_epochs > before and config.lr_schedule == "cosine":
+        diffs.append(
+            f"num_epochs: {before} there, {config.num_epochs} now (the cosine schedule spans "
+            "num_epochs: it cannot grow)"
+        )
+    if diffs:
+        raise CheckpointError(
+            f"{workdir} holds a run with a different config ({'; '.join(diffs)}); resume "
+            "with the same values or start a new run with another --workdir"
+        )
+
+
+def write_config(config, workdir: str) -> None:
+    """WORKDIR/config.json: the run's whole resolved config (written as the run starts)."""
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(jsonable(config.to_dict()), f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
 
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

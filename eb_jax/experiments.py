@@ -20,10 +20,17 @@ import time
 
 from absl import app, flags
 
-from eb_jax import cost, methods, names, paper_outputs, pipeline, report
+from eb_jax import cost, methods, names, paper_outputs, pipeline, platform, report
 from eb_jax import main as main_lib
-from eb_jax.checkpoint import Checkpointer, config_record
-from eb_jax.config import ConfigError, default_config, model_refuses, validate
+from eb_jax.checkpoint import Checkpointer
+from eb_jax.config import (
+    GROWABLE_FIELDS,
+    TRAJECTORY_FIELDS,
+    ConfigError,
+    config_differences,
+    model_refuses,
+    validate,
+)
 from eb_jax.data import DATASETS
 from eb_jax.models import create_model, custom
 from eb_jax.runlog import format_duration, logger
@@ -382,15 +389,7 @@ def check_finished_run(config, path: str) -> None:
             f"{path} holds a finished run whose config is recorded nowhere; move it away or "
             "use another --workdir"
         )
-    now, before = (
-        json.loads(json.dumps(config_record(c)["fields"])) for c in (config, default_config())
-    )
-    # A field newer than the run counts as its default there.
-    diffs = [
-        f"{k}: {saved['fields'].get(k, before.get(k))!r} there, {v!r} now"
-        for k, v in now.items()
-        if saved["fields"].get(k, before.get(k)) != v
-    ]
+    diffs = config_differences(config, saved["fields"], TRAJECTORY_FIELDS + GROWABLE_FIELDS)
     if diffs:
         raise ConfigError(
             f"{path} holds a finished run of another config ({'; '.join(diffs)}); "
@@ -501,6 +500,7 @@ def _main(argv) -> int:
     from eb_jax.trainer import TrainingDiverged
 
     name, config = argv[1], main_lib.CONFIG[0].value
+    platform.configure_process(config.cpu_xla_flags, config.reuse_host_memory)  # before JAX
     setup_logging()
     workdir = main_lib.WORKDIR.value or os.path.join("runs", name)
     try:

@@ -124,8 +124,7 @@ def main(argv) -> int:
     from eb_jax.trainer import TrainingDiverged
 
     config = CONFIG[0].value
-    platform.set_cpu_xla_flags(config.cpu_xla_flags)  # before JAX starts its backend
-    platform.reuse_host_memory(config.reuse_host_memory)  # and its threads
+    platform.configure_process(config.cpu_xla_flags, config.reuse_host_memory)  # before JAX
     report.setup_logging()  # quiets absl before JAX logs
     try:
         parallel.initialize_distributed(config.distributed)

@@ -16,8 +16,8 @@ import numpy as np
 from eb_jax import cost, energy, methods, names, parallel, platform, report, train
 from eb_jax import data as data_lib
 from eb_jax import steps as steps_lib
-from eb_jax.checkpoint import Checkpointer, check_config_matches, config_record
-from eb_jax.config import ConfigError, validate
+from eb_jax.checkpoint import Checkpointer
+from eb_jax.config import ConfigError, check_resumable, config_record, validate, write_config
 from eb_jax.methods import Stage
 from eb_jax.models import bn_scales, model_widths, widths_from_json
 from eb_jax.runlog import MetricWriter, logger
@@ -47,6 +47,8 @@ def run(config, workdir: str) -> dict:
     dense_model = steps_lib.build_model(config, data.num_classes, shape=data.spec.image_shape)
     steps_lib.check_options(config, steps, data)
     prepare_workdir(workdir)
+    if jax.process_index() == 0:
+        write_config(config, workdir)
     checkpointer = Checkpointer(workdir, config.checkpoints_to_keep, config.async_checkpoints)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     ctx = None
@@ -246,7 +248,7 @@ def _restore_target(ctx: RunContext, steps, meta: dict, built: dict) -> dict:
     """The arrays a checkpoint with JSON record `meta` holds, as abstract targets; the
     stage's model, plan and TrainState built for them go into `built`."""
     config, data = ctx.config, ctx.data
-    check_config_matches(config, meta, ctx.workdir)
+    check_resumable(config, meta, ctx.workdir)
     stage = _stage_named(steps, meta["stage"])
     after = methods.after_prune(steps, stage)
     model = steps_lib.build_model(config, data.num_classes, widths_from_json(meta["widths"]), after)

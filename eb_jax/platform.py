@@ -1,4 +1,8 @@
-"""Backend-specific settings that must be in place before JAX starts its backend."""
+"""Process settings that must be in place before JAX starts its backend and threads.
+
+Importing eb_jax changes nothing in the process: entry points (`eb_jax.main`,
+`eb_jax.experiments`, the benchmarks, the test session) call `configure_process` first.
+"""
 
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ def reuse_host_memory(enable: bool = True) -> bool:
     fresh pages and unmaps them on free, so every step page-faults through all of it:
     measured, a third of the step's CPU time in the kernel. Kept for reuse, the step
     faults only the first time. Threads that already allocated keep their arena, so
-    this is applied on import, before JAX starts its threads (eb_jax/__init__.py).
+    this is applied before JAX starts its threads (`configure_process`).
     """
     if system() != "Linux" or libc_ver()[0] != "glibc":
         return False
@@ -45,6 +49,13 @@ def reuse_host_memory(enable: bool = True) -> bool:
     for param, value in (_REUSE if enable else _GLIBC_DEFAULTS).items():
         mallopt(param, value)
     return True
+
+
+def configure_process(cpu_xla_flags: bool = True, reuse_memory: bool = True) -> None:
+    """eb_jax's process settings (the config's cpu_xla_flags and reuse_host_memory):
+    call before JAX's first computation; later calls change only what is still open."""
+    set_cpu_xla_flags(cpu_xla_flags)
+    reuse_host_memory(reuse_memory)
 
 
 def describe(whole_run: bool = False) -> str:

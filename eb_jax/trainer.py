@@ -19,7 +19,7 @@ import numpy as np
 
 from eb_jax import data as data_lib
 from eb_jax import energy, names, parallel, preemption, train
-from eb_jax.checkpoint import config_record
+from eb_jax.config import config_record
 from eb_jax.data import dali
 from eb_jax.energy import EnergyClock
 from eb_jax.lowp import Precision
@@ -268,7 +268,9 @@ class Trainer:
             raise _diverged(self)
 
 
-_p_swa_update = jax.pmap(train.swa_update, in_axes=(0, 0, None))
+@functools.cache
+def _p_swa_update():
+    return jax.pmap(train.swa_update, in_axes=(0, 0, None))
 
 
 class WeightAverage:
@@ -282,7 +284,7 @@ class WeightAverage:
         if self.count == 0:  # a copy: the train step donates (frees) the state's
             self.params = jax.tree.map(jax.numpy.copy, params)
         else:
-            self.params = _p_swa_update(self.params, params, self.count)
+            self.params = _p_swa_update()(self.params, params, self.count)
         self.count += 1
 
 

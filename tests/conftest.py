@@ -4,12 +4,16 @@ import os
 import signal
 import tempfile
 
-# Before JAX starts: 2 CPU devices; a collective that hangs fails in 10 s, not forever.
+# Before JAX starts: 2 CPU devices; a collective that hangs fails in 10 s, not forever;
+# and cheap compilation (LLVM's optimisations off: the tests' tiny networks spend far
+# longer compiling than running; every result compared is computed under the same flags).
 os.environ["XLA_FLAGS"] = " ".join(
     [
         os.environ.get("XLA_FLAGS", ""),
         "--xla_force_host_platform_device_count=2",
         "--xla_cpu_collective_call_terminate_timeout_seconds=10",
+        "--xla_backend_optimization_level=0",
+        "--xla_llvm_disable_expensive_passes=true",
     ]
 ).strip()
 
@@ -18,6 +22,12 @@ os.environ["XLA_FLAGS"] = " ".join(
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="eb_jax_xla_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+# eb_jax's process settings, as its entry points make them (importing eb_jax does not);
+# subprocesses inherit the CPU flags through XLA_FLAGS.
+from eb_jax import platform as _platform  # noqa: E402
+
+_platform.configure_process()
 
 import logging  # noqa: E402
 

@@ -11,10 +11,10 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import checkpoint_arrays, tiny_config
+from conftest import assert_same_run, checkpoint_arrays, tiny_config
 
 from eb_jax import pipeline, train
-from eb_jax.checkpoint import Checkpointer, load_model
+from eb_jax.checkpoint import Checkpointer, CheckpointError, load_model
 from eb_jax.data import open_dataset
 from eb_jax.lowp import FP32
 from eb_jax.models import create_model
@@ -223,9 +223,25 @@ def test_config_that_does_not_match_the_checkpoint_is_a_clear_error(tmp_path, da
     assert result.returncode == 2
     errors = result.stderr.strip().splitlines()
     assert len(errors) == 1
-    assert "batch_size: 128 in the checkpoint, 64 now" in errors[0]
+    assert "batch_size: 128 there, 64 now" in errors[0]
     assert "another --workdir" in errors[0]
     assert _steps(tmp_path) == [4, 8, 11]  # nothing touched
+
+
+@pytest.mark.slow
+def test_a_resume_may_grow_num_epochs_and_trains_on_as_the_longer_run(tmp_path, data_dir):
+    grown, longer = tmp_path / "grown", tmp_path / "longer"
+    pipeline.run(_config(data_dir, method="dense", num_epochs=1), str(grown))
+    with open(grown / "config.json") as f:  # the whole resolved config, as it started
+        assert json.load(f)["num_epochs"] == 1
+    record = pipeline.run(_config(data_dir, method="dense", num_epochs=2), str(grown))
+    expected = pipeline.run(_config(data_dir, method="dense", num_epochs=2), str(longer))
+    assert_same_run(record, str(grown), expected, str(longer))
+    with pytest.raises(CheckpointError, match=r"num_epochs: 2 there, 1 now \(it may only grow"):
+        pipeline.run(_config(data_dir, method="dense", num_epochs=1), str(grown))
+    cosine = _config(data_dir, method="dense", num_epochs=3, lr_schedule="cosine")
+    with pytest.raises(CheckpointError, match="the cosine schedule spans num_epochs"):
+        pipeline.run(cosine, str(grown))
 
 
 @pytest.mark.slow

@@ -61,3 +61,13 @@ def test_the_pipeline_never_branches_on_the_method_name():
         source = f.read()
     assert not re.search(r"config\.method\s*(==|!=|in\b)", source)
     assert "FULL_SEARCH_METHODS" not in source
+
+
+def test_every_config_field_is_classified_once():
+    from eb_jax.config import FREE_FIELDS, GROWABLE_FIELDS, TRAJECTORY_FIELDS
+
+    classified = TRAJECTORY_FIELDS + GROWABLE_FIELDS + FREE_FIELDS
+    assert len(classified) == len(set(classified)), "a field is in two classes"
+    unclassified = set(default_config().keys()) - set(classified)
+    assert not unclassified, f"classify {sorted(unclassified)} in eb_jax/config.py"
+    assert not set(classified) - set(default_config().keys()), "a classified field is gone"

@@ -11,8 +11,7 @@ import pytest
 from conftest import Interrupted
 
 from eb_jax import experiments, pipeline, report, train
-from eb_jax.checkpoint import config_record
-from eb_jax.config import ConfigError, load_config
+from eb_jax.config import ConfigError, config_record, load_config
 from eb_jax.cost import forward_cost, training_flops
 from eb_jax.models import create_model
 
@@ -199,7 +198,7 @@ def test_a_grid_reuses_a_finished_run_only_of_the_same_config(tmp_path, monkeypa
     assert len(records) == 8 and (tmp_path / "table2.md").exists()
     before = (tmp_path / "table2.md").read_text()
     other = load_config("quickstart", seed=1, sparsity=1e-3)
-    differ = r"\(sparsity: 0.0001 there, 0.001 now; seed: 0 there, 1 now\)"
+    differ = r"\(seed: 0 there, 1 now; sparsity: 0.0001 there, 0.001 now\)"
     with pytest.raises(ConfigError, match=differ) as raised:
         experiments.run_grid("table2", other, str(tmp_path), (0.5,))
     assert "lt-one-shot-p0.5 holds a finished run of another config" in str(raised.value)
