@@ -11,7 +11,7 @@ side in one process, each figure a ratio measured in interleaved rounds:
 - tickets: p = 0.3/0.5/0.7 cut with kept counts rounded up to 8, each step's speedup over
   the dense step against its FLOPs ratio (cost.py; goal >= 0.8 of it), both networks.
 - energy: one epoch-equivalent (50,000 synthetic CIFAR-shaped images) of dense VGG16 and
-  of its p = 0.5 ticket through the real trainer (eb_jax.trainer), joules from the
+  of its p = 0.5 ticket through the real trainer (eb_jax.epoch_loop), joules from the
   machine's meter (NVML on NVIDIA GPUs; n/a with the reason where there is none): the
   dense/ticket joules ratio next to the FLOPs and time ratios (goal: >= 0.8 of FLOPs).
 - input: the ImageNet pipeline (grain + Pillow in one worker per host core but one) on
@@ -47,17 +47,17 @@ import numpy as np
 from input_pipeline import Repeated
 from step_vs_pytorch import jax_runner, median_seconds, networks, torch_runner
 
-from eb_jax import names, platform, steps
+from eb_jax import names, platform, stage_runner
 from eb_jax.config import default_config
 from eb_jax.cost import forward_cost
 from eb_jax.data import DATASETS, DataError, Dataset, dali, open_dataset, train_batches
 from eb_jax.data.in_memory import ArraySource
 from eb_jax.data.input_pipeline import default_workers
 from eb_jax.energy import open_meter
+from eb_jax.epoch_loop import Clock, RunContext, StagePlan, Trainer
 from eb_jax.lowp import Precision
 from eb_jax.platform import configure_process
 from eb_jax.runlog import MetricWriter
-from eb_jax.trainer import Clock, RunContext, StagePlan, Trainer
 
 # The input needs the step's rate; the tickets (6 more compilations) come last, where a
 # budget cut costs least.
@@ -223,7 +223,7 @@ def _trainer(data: Dataset, workdir: str, net, precision: str, epochs: int) -> T
     run = RunContext(config, data, workdir, None, MetricWriter(workdir, False), Clock())
     plan = StagePlan(names.DENSE, 0, epochs, 0, Precision(precision), config.sparsity)
     model, variables = net
-    trainer = Trainer(run, plan, model, steps.fresh_state(run, plan, model, variables))
+    trainer = Trainer(run, plan, model, stage_runner.fresh_state(run, plan, model, variables))
     trainer.compile()
     return trainer
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eb_jax import platform, train
+from eb_jax import platform, train_steps
 from eb_jax.config import default_config
 from eb_jax.models import bn_scales, create_model
 from eb_jax.platform import configure_process
@@ -43,8 +43,8 @@ def _median(fn, repeats):
 def measure(name, shape, classes, epoch_images, batch_size, repeats):
     model = create_model(name, classes)
     config = default_config()
-    state = train.create_train_state(
-        model, jax.random.key(0), shape, train.create_optimizer(config, 100)
+    state = train_steps.create_train_state(
+        model, jax.random.key(0), shape, train_steps.create_optimizer(config, 100)
     )
     # Spread the scales as training would, so masks and distances are not trivial.
     scales = bn_scales(model, state.params)
@@ -60,7 +60,7 @@ def measure(name, shape, classes, epoch_images, batch_size, repeats):
         "image": jnp.asarray(rng.standard_normal((batch_size, *shape), np.float32)),
         "label": jnp.asarray(rng.integers(0, classes, batch_size), jnp.int32),
     }
-    step = jax.jit(train.train_step, donate_argnums=0)
+    step = jax.jit(train_steps.train_step, donate_argnums=0)
     holder = {"state": step(state, batch)[0]}
 
     def one_step():

@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from eb_jax import parallel, platform, train
+from eb_jax import parallel, platform, train_steps
 from eb_jax.config import default_config
 from eb_jax.data import eval_batches, normalizing, open_dataset, train_batches
 from eb_jax.data.input_pipeline import Dataset
@@ -43,10 +43,10 @@ def _cifar_mock(num_examples: int):
 def _step(spec):
     config = default_config()
     model = create_model("vgg16", 10)
-    tx = train.create_optimizer(config, 100)
+    tx = train_steps.create_optimizer(config, 100)
     apply_fn = normalizing(model.apply, spec)
-    state = train.create_train_state(model, jax.random.key(0), (32, 32, 3), tx, apply_fn)
-    return parallel.pmap_step(train.train_step), parallel.replicate(state)
+    state = train_steps.create_train_state(model, jax.random.key(0), (32, 32, 3), tx, apply_fn)
+    return parallel.pmap_step(train_steps.train_step), parallel.replicate(state)
 
 
 def feed_ratio(steps: int, batch_size: int, threads: int, rounds: int):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eb_jax import lowp, platform, train
+from eb_jax import lowp, platform, train_steps
 from eb_jax.config import default_config
 from eb_jax.models import create_model
 from eb_jax.platform import configure_process
@@ -39,14 +39,14 @@ def _runner(name, precision, chunk: int, batch_size: int | None):
     batch_size = batch_size or default_batch
     config = default_config()
     model = create_model(name, classes, precision=precision)
-    tx = train.create_optimizer(config, 100, precision=precision)
-    state = train.create_train_state(model, jax.random.key(0), shape, tx)
+    tx = train_steps.create_optimizer(config, 100, precision=precision)
+    state = train_steps.create_train_state(model, jax.random.key(0), shape, tx)
     rng = np.random.default_rng(0)
     batch = {
         "image": jnp.asarray(rng.standard_normal((batch_size, *shape)), jnp.float32),
         "label": jnp.asarray(rng.integers(0, classes, batch_size), jnp.int32),
     }
-    step = functools.partial(train.train_step, precision=precision, seed=0)
+    step = functools.partial(train_steps.train_step, precision=precision, seed=0)
     start = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
     compile_s = time.perf_counter() - start

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eb_jax import platform, train
+from eb_jax import platform, train_steps
 from eb_jax.config import default_config
 from eb_jax.cost import forward_cost
 from eb_jax.lowp import Precision
@@ -60,13 +60,13 @@ def jax_runner(model, variables, batch, config=None):
         config = default_config()
         config.weight_decay, config.sparsity = WEIGHT_DECAY, SPARSITY
     variables = jax.tree.map(jnp.array, variables)
-    state = train.TrainState.create(
+    state = train_steps.TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
         batch_stats=variables.get("batch_stats", {}),
-        tx=train.create_optimizer(config, 100),
+        tx=train_steps.create_optimizer(config, 100),
     )
-    step = jax.jit(train.train_step, donate_argnums=0).lower(state, batch).compile()
+    step = jax.jit(train_steps.train_step, donate_argnums=0).lower(state, batch).compile()
     # The paper's count (cost.py): XLA's cost analysis would also count the 0/1 matmuls
     # that pick a PreResNet ticket's channels on CPU.
     images = batch["image"]
@@ -198,7 +198,7 @@ def torch_runner(name: str, model, batch_size: int, image: int, mode: str):
 def networks(name: str, ratios, round_to: int, precision: str, image: int):
     """{label: (eb_jax model, variables)}: dense, then a ticket per ratio."""
     model = jax_model(name, precision)
-    variables = train.init_variables(model, jax.random.key(0), (image, image, 3))
+    variables = train_steps.init_variables(model, jax.random.key(0), (image, image, 3))
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: (

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from step_vs_pytorch import jax_runner, median_seconds
 
-from eb_jax import platform, train
+from eb_jax import platform, train_steps
 from eb_jax.config import default_config
 from eb_jax.models import bn_scales, create_model
 from eb_jax.platform import configure_process
@@ -31,7 +31,7 @@ IMAGES = {"vit_cifar": (32, 32, 3), "vit_digits": (8, 8, 1), "vit_ti16": (224, 2
 def networks(name: str, ratios) -> dict:
     """{label: (model, variables)}: the dense ViT, then a ticket per ratio."""
     model = create_model(name, 10)
-    variables = train.init_variables(model, jax.random.key(0), IMAGES[name])
+    variables = train_steps.init_variables(model, jax.random.key(0), IMAGES[name])
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: (

@@ -1,4 +1,5 @@
-"""Checkpoints with orbax: arrays (StandardSave) + a JSON record (JsonSave) per step.
+"""Checkpoints with orbax: arrays (StandardSave) + a JSON record (JsonSave, orbax item
+'meta') per step; eb_jax.run_state says what goes into both.
 
 The JSON record holds what is needed *before* arrays can be restored: the model name,
 its per-layer widths and class count, the stage, the training position and the config
@@ -49,25 +50,25 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, arrays, meta: dict) -> None:
+    def save(self, step: int, arrays, record: dict) -> None:
         """Saves asynchronously where orbax allows; `arrays` is a pytree of arrays."""
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(jsonable(meta))
+                arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(jsonable(record))
             ),
         )
 
-    def read_meta(self, step: int) -> dict:
+    def read_record(self, step: int) -> dict:
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         if not restored.meta:
             raise ValueError("its JSON record is missing")
         return restored.meta
 
     def restore(self, target_for: Callable[[dict], object]):
-        """(step, arrays, meta) of the newest readable step, or None when there is none.
+        """(step, arrays, record) of the newest readable step, or None when there is none.
 
-        `target_for(meta)` returns the arrays' target tree, or None for the tree as saved.
+        `target_for(record)` returns the arrays' target tree, or None for the tree as saved.
         """
         self.wait()
         # A damaged step's failed read leaves orbax's other reads in flight, and they print
@@ -76,11 +77,11 @@ class Checkpointer:
         try:
             for step in sorted(self.steps(), reverse=True):
                 try:
-                    meta = self.read_meta(step)
-                    target = target_for(meta)
+                    record = self.read_record(step)
+                    target = target_for(record)
                     restore = ocp.args.StandardRestore(target)
                     restored = self._manager.restore(step, args=ocp.args.Composite(arrays=restore))
-                    return step, restored.arrays, meta
+                    return step, restored.arrays, record
                 except CheckpointError:  # a usable checkpoint that this run must not take
                     raise
                 except Exception as e:  # orbax/tensorstore raise many types for damaged files
@@ -142,15 +143,15 @@ def _restore_stderr(saved: int, grace_s: float) -> None:
 
 
 def load_model(workdir: str):
-    """(model, {'params', 'batch_stats'}, meta) from the newest readable checkpoint in
+    """(model, {'params', 'batch_stats'}, record) from the newest readable checkpoint in
     `workdir`, built from its recorded model name and widths alone (pruned ones too)."""
     from eb_jax.models import create_model, widths_from_json
 
     models = {}
 
-    def target_for(meta):
-        widths = widths_from_json(meta["widths"])
-        models["model"] = create_model(meta["model"], meta["num_classes"], **widths)
+    def target_for(record):
+        widths = widths_from_json(record["widths"])
+        models["model"] = create_model(record["model"], record["num_classes"], **widths)
         return None  # the arrays as saved
 
     checkpointer = Checkpointer(workdir, async_save=False)
@@ -160,10 +161,10 @@ def load_model(workdir: str):
         checkpointer.close()
     if restored is None:
         raise CheckpointError(f"no readable checkpoint in {checkpointer.directory}")
-    _, arrays, meta = restored
+    _, arrays, record = restored
     train_state = arrays["train"]
     variables = {"params": train_state["params"], "batch_stats": train_state.get("batch_stats", {})}
-    return models["model"], variables, meta
+    return models["model"], variables, record
 
 
 def jsonable(value):

@@ -56,6 +56,36 @@ def forward_cost(model: nn.Module, input_shape, weight_mask=None) -> Cost:
     return Cost(flops=flops, macs=macs, params=params, nonzero_macs=nonzero)
 
 
+def _module_cost(module, inputs, out) -> dict | None:
+    """A conv/linear/norm module's FLOPs, MACs, input and output channels for one call
+    ('kept_macs' where the module counts itself, else None); None for any other module."""
+    entry = {"macs": 0, "kept_macs": None, "in": inputs.shape[-1], "out": out.shape[-1]}
+    bias = out.size if getattr(module, "use_bias", False) else 0
+    if isinstance(module, layers.Conv):
+        entry["macs"] = module.kernel_size**2 * inputs.shape[-1] * out.size
+        entry["flops"] = 2 * entry["macs"]
+    elif isinstance(module, (nn.Conv, nn.ConvTranspose)):  # a factory network's
+        entry["macs"] = _linen_conv_macs(module, inputs, out)
+        entry["flops"] = 2 * entry["macs"] + bias
+    elif isinstance(module, nn.Dense):
+        entry["macs"] = inputs.shape[-1] * out.size
+        entry["flops"] = 2 * entry["macs"] + bias
+    elif isinstance(module, nn.DenseGeneral):
+        axes = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+        entry["macs"] = int(np.prod([inputs.shape[a] for a in axes])) * out.size
+        entry["flops"] = 2 * entry["macs"] + bias
+    elif hasattr(module, "flops"):  # counts itself (the ViT's attention, norms, gates)
+        entry["flops"], entry["macs"] = module.flops(inputs, out)
+        entry["kept_macs"] = entry["macs"]
+    elif isinstance(module, nn.BatchNorm):  # a factory network's
+        entry["flops"] = 2 * inputs.size
+    elif isinstance(module, layers.BatchNorm):
+        entry["flops"] = 2 * inputs.size + (out.size if module.relu else 0)  # fused ReLU
+    else:
+        return None
+    return entry
+
+
 def _trace(model: nn.Module, input_shape, weight_mask=None) -> tuple[dict, int, int]:
     """Per conv/linear/BN module (by name): FLOPs, MACs, kept MACs, its input and output
     channels; the ReLU and pooling FLOPs; the parameter count."""
@@ -80,32 +110,12 @@ def _trace(model: nn.Module, input_shape, weight_mask=None) -> tuple[dict, int, 
         out = next_fun(*args, **kwargs)
         if context.method_name != "__call__":
             return out
-        module, inputs = context.module, args[0]
-        entry = {"macs": 0, "kept_macs": 0, "in": inputs.shape[-1], "out": out.shape[-1]}
-        if isinstance(module, layers.Conv):
-            entry["macs"] = module.kernel_size**2 * inputs.shape[-1] * out.size
-            entry["flops"] = 2 * entry["macs"]
-        elif isinstance(module, (nn.Conv, nn.ConvTranspose)):  # a factory network's
-            entry["macs"] = _linen_conv_macs(module, inputs, out)
-            entry["flops"] = 2 * entry["macs"] + (out.size if module.use_bias else 0)
-        elif isinstance(module, nn.Dense):
-            entry["macs"] = inputs.shape[-1] * out.size
-            entry["flops"] = 2 * entry["macs"] + (out.size if module.use_bias else 0)
-        elif isinstance(module, nn.DenseGeneral):
-            axes = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-            entry["macs"] = int(np.prod([inputs.shape[a] for a in axes])) * out.size
-            entry["flops"] = 2 * entry["macs"] + (out.size if module.use_bias else 0)
-        elif hasattr(module, "flops"):  # counts itself (the ViT's attention, norms, gates)
-            entry["flops"], entry["macs"] = module.flops(inputs, out)
-            modules["/".join(module.path)] = {**entry, "kept_macs": entry["macs"]}
+        module = context.module
+        entry = _module_cost(module, args[0], out)
+        if entry is None:
             return out
-        elif isinstance(module, nn.BatchNorm):  # a factory network's
-            entry["flops"] = 2 * inputs.size
-        elif isinstance(module, layers.BatchNorm):
-            entry["flops"] = 2 * inputs.size + (out.size if module.relu else 0)  # fused ReLU
-        else:
-            return out
-        entry["kept_macs"] = kept(module, out, entry["macs"]) if entry["macs"] else 0
+        if entry["kept_macs"] is None:
+            entry["kept_macs"] = kept(module, out, entry["macs"]) if entry["macs"] else 0
         modules["/".join(module.path)] = entry  # a top-level module's path is its name
         return out
 

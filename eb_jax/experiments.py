@@ -33,6 +33,7 @@ from eb_jax.config import (
 )
 from eb_jax.data import DATASETS
 from eb_jax.models import create_model, custom
+from eb_jax.prune import criteria
 from eb_jax.runlog import format_duration, logger
 from eb_jax.ticket.groups import channel_groups, consumer_conv, interior_groups
 
@@ -237,12 +238,12 @@ def projected_pflops(config) -> tuple[float, float]:
     as many channels pruned (high); a detected ticket between eb_window epochs and a
     quarter of num_epochs (assumed)."""
     spec = DATASETS[config.dataset]
-    steps, n = methods.method_steps(config), config.num_epochs
-    prune = methods.prune_step(steps)
+    phases, n = methods.method_phases(config), config.num_epochs
+    prune = methods.prune_phase(phases)
     dense = _dense_flops(config.model, spec.num_classes, spec.image_shape)
     widths = (dense, dense)
-    cut_trains = prune is not None and methods.final_stage(steps) is not None
-    if cut_trains and prune.criterion in methods.CHANNEL_CRITERIA:
+    cut_trains = prune is not None and methods.final_stage(phases) is not None
+    if cut_trains and criteria.cuts_channels(prune.criterion):
         widths = _cut_flops(config, prune.criterion)
     detected = (min(n, config.eb_window), max(1, n // 4))
     tickets = (config.ticket_epoch,) * 2 if config.ticket_epoch else detected
@@ -250,9 +251,9 @@ def projected_pflops(config) -> tuple[float, float]:
     bounds = []
     for width, ticket in zip(widths, tickets, strict=True):
         total, cut = 0.0, False
-        for step in steps:
+        for step in phases:
             if isinstance(step, methods.Prune):
-                cut = step.criterion in methods.CHANNEL_CRITERIA
+                cut = criteria.cuts_channels(step.criterion)
                 continue
             epochs = ticket if step.until == "ticket" and not config.keep_searching else n
             if step.schedule == names.CONTINUE and cut:
@@ -291,9 +292,9 @@ def _cut_range(model_name, num_classes, shape, criterion, ratio, plan_options):
     if custom.is_custom(model_name):  # no declared groups: the uniform cut .. dense
         dense = cost.forward_cost(model, shape).flops
         return int(dense * (1 - ratio) ** 2), dense
-    if criterion != methods.TICKET:  # ThiNet, SFP: floor(p * C) of every interior layer
+    if criterion != criteria.TICKET:  # ThiNet, SFP: floor(p * C) of every interior layer
         groups = interior_groups(model)
-        if criterion == methods.THINET:  # the layers a conv reads (prune.thinet)
+        if criterion == criteria.THINET:  # the layers a conv reads (prune.thinet)
             groups = [g for g in groups if consumer_conv(g) is not None]
         exact = cost.uniform_cut_flops(model, shape, ratio, groups)
         return exact, exact
@@ -405,7 +406,7 @@ def _checkpoint_config(path: str) -> dict | None:
     checkpointer = Checkpointer(path, async_save=False)
     try:
         steps = checkpointer.steps()
-        return checkpointer.read_meta(max(steps))["config"] if steps else None
+        return checkpointer.read_record(max(steps))["config"] if steps else None
     finally:
         checkpointer.close()
 
@@ -496,8 +497,8 @@ def _ratios() -> tuple | None:
 def _main(argv) -> int:
     from eb_jax.checkpoint import CheckpointError
     from eb_jax.data import DataError
+    from eb_jax.epoch_loop import TrainingDiverged
     from eb_jax.runlog import setup_logging
-    from eb_jax.trainer import TrainingDiverged
 
     name, config = argv[1], main_lib.CONFIG[0].value
     platform.configure_process(config.cpu_xla_flags, config.reuse_host_memory)  # before JAX

@@ -121,7 +121,7 @@ def main(argv) -> int:
     from eb_jax.checkpoint import CheckpointError
     from eb_jax.config import ConfigError
     from eb_jax.data import DataError
-    from eb_jax.trainer import TrainingDiverged
+    from eb_jax.epoch_loop import TrainingDiverged
 
     config = CONFIG[0].value
     platform.configure_process(config.cpu_xla_flags, config.reuse_host_memory)  # before JAX

@@ -1,10 +1,10 @@
-"""Every method as data: a declared sequence of training stages and pruning steps.
+"""Every method as data: a declared sequence of phases, training stages and a pruning step.
 
-`method_steps(config)` returns the method's steps; `pipeline.run` walks them and never
+`method_phases(config)` returns the method's phases; `pipeline.run` walks them and never
 asks which method it runs. A new method is one entry in `_DECLARATIONS` plus, if it
-prunes in a new way, one criterion in `eb_jax.prune`.
+prunes in a new way, one criterion in `eb_jax.prune.criteria.REGISTRY`.
 
-A `Stage` trains the network it is handed for its epochs; a `Prune` step turns the
+A `Stage` trains the network it is handed for its epochs; a `Prune` phase turns the
 trained network into the next one: channel criteria give per-BN keep-masks that the
 surgery cuts out, weight criteria give an unstructured mask the next stage holds at 0.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from eb_jax import names
+from eb_jax.prune.criteria import MAGNITUDE, SFP, SNIP, THINET, TICKET, cuts_channels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,38 +37,33 @@ class Stage:
 
 @dataclasses.dataclass(frozen=True)
 class Prune:
-    """A pruning step: `criterion` (CHANNEL_CRITERIA or WEIGHT_CRITERIA), and how the
-    pruned network's weights start: inherited, re-initialised or rewound to init."""
+    """The pruning phase: its `criterion` (a name in eb_jax.prune.criteria.REGISTRY), how the
+    pruned network's weights start (inherited, re-initialised or rewound to init) and
+    the fraction `ratio` it prunes."""
 
     criterion: str
     start: str = names.INHERIT
+    ratio: float = 0.5
 
 
-# Channel criteria give per-BN keep-masks (cut by the surgery); weight criteria give an
-# unstructured mask over every conv/linear kernel.
-TICKET = "ticket"  # the search's BN-scale ticket (network slimming's criterion)
-THINET = "thinet"  # the next layer's reconstruction, greedy, with least-squares rescaling
-SFP = "sfp"  # the filters that soft filter pruning zeroed
-SNIP = "snip"  # connection sensitivity at initialisation
-MAGNITUDE = "magnitude"  # global weight magnitude (the lottery ticket's)
-CHANNEL_CRITERIA = (TICKET, THINET, SFP)
-WEIGHT_CRITERIA = (SNIP, MAGNITUDE)
-
-
-def method_steps(config) -> tuple:
-    """The declared steps of `config.method` with the config's options applied."""
+def method_phases(config) -> tuple:
+    """The declared phases of `config.method` with the config's options applied (its
+    Prune prunes config.prune_ratio)."""
     method = config.method
     if method == names.EB:
         if config.keep_searching:  # the whole trajectory for Fig. 3, nothing cut
             return (Stage(names.SEARCH, until="ticket"),)
-        return (
+        phases = (
             Stage(names.SEARCH, until="ticket"),
             Prune(TICKET, config.retrain),
             Stage(names.RETRAIN, schedule=config.retrain_schedule),
         )
-    if method == names.LT and config.lt_granularity == names.WEIGHTS:
-        return _LT_WEIGHTS
-    return _DECLARATIONS[method]
+    elif method == names.LT and config.lt_granularity == names.WEIGHTS:
+        phases = _LT_WEIGHTS
+    else:
+        phases = _DECLARATIONS[method]
+    ratio = config.prune_ratio
+    return tuple(dataclasses.replace(s, ratio=ratio) if isinstance(s, Prune) else s for s in phases)
 
 
 _DECLARATIONS = {
@@ -102,35 +98,35 @@ _LT_WEIGHTS = (
 )
 
 
-def stages(steps) -> list[Stage]:
-    return [s for s in steps if isinstance(s, Stage)]
+def stages(phases) -> list[Stage]:
+    return [s for s in phases if isinstance(s, Stage)]
 
 
-def prune_step(steps) -> Prune | None:
-    """The method's pruning step (each method has at most one)."""
-    return next((s for s in steps if isinstance(s, Prune)), None)
+def prune_phase(phases) -> Prune | None:
+    """The method's Prune phase (each method has at most one), or None."""
+    return next((s for s in phases if isinstance(s, Prune)), None)
 
 
-def draws_tickets(steps) -> bool:
+def draws_tickets(phases) -> bool:
     """Whether a stage searches BN-scale tickets (the run keeps a TicketSearch)."""
-    return any(s.name == names.SEARCH for s in stages(steps))
+    return any(s.name == names.SEARCH for s in stages(phases))
 
 
-def after_prune(steps, stage: Stage) -> bool:
+def after_prune(phases, stage: Stage) -> bool:
     """Whether `stage` trains a pruned network (it then runs in precision.retrain)."""
-    return steps.index(stage) > next(
-        (i for i, s in enumerate(steps) if isinstance(s, Prune)), len(steps)
+    return phases.index(stage) > next(
+        (i for i, s in enumerate(phases) if isinstance(s, Prune)), len(phases)
     )
 
 
-def final_stage(steps) -> Stage | None:
+def final_stage(phases) -> Stage | None:
     """The stage the run's result comes from, or None if a prune step ends the method."""
-    return steps[-1] if isinstance(steps[-1], Stage) else None
+    return phases[-1] if isinstance(phases[-1], Stage) else None
 
 
 def check(config) -> None:
     """Raises ValueError for an option the config's method cannot use."""
-    method, steps = config.method, method_steps(config)
+    method, phases = config.method, method_phases(config)
     only_eb = {
         "keep_searching": config.keep_searching,
         "ticket_epoch": config.ticket_epoch,
@@ -146,8 +142,8 @@ def check(config) -> None:
         )
     if config.lt_granularity != names.CHANNELS and method != names.LT:
         raise ValueError(f"lt_granularity applies to method='lt' only, not {method!r}")
-    prune = prune_step(steps)
-    channel_cut = prune is not None and prune.criterion in CHANNEL_CRITERIA
+    prune = prune_phase(phases)
+    channel_cut = prune is not None and cuts_channels(prune.criterion)
     if config.round_to and prune is not None and prune.criterion != TICKET:
         raise ValueError(
             f"round_to widens a BN-scale ticket with the next-largest scales; {method!r} "
@@ -157,11 +153,11 @@ def check(config) -> None:
         raise ValueError(
             f"prune_residual applies to methods that cut a BN-scale ticket, not {method!r}"
         )
-    if config.swa_start_epoch and final_stage(steps) is None:
+    if config.swa_start_epoch and final_stage(phases) is None:
         raise ValueError(
             f"swa_start_epoch needs a final training stage; {method!r} ends with a cut"
         )
-    if config.search_lr.learning_rate and not draws_tickets(steps):
+    if config.search_lr.learning_rate and not draws_tickets(phases):
         raise ValueError(f"search_lr applies to methods with a search stage, not {method!r}")
     if config.swa_start_epoch and config.keep_searching:
         raise ValueError("swa_start_epoch needs a final stage; keep_searching ends with none")

@@ -1,6 +1,7 @@
-"""A run walks its method's declared steps (eb_jax.methods), checkpointed so a killed run
-resumes in whichever stage it was; eb_jax.steps runs each step. At the end the run's cost
-and result go to WORKDIR/report.json and a printed table.
+"""A run walks its method's declared phases (eb_jax.methods), checkpointed so a killed run
+resumes in whichever stage it was; eb_jax.stage_runner runs each phase, eb_jax.run_state
+restores them. At the end the run's cost and result go to WORKDIR/report.json and a
+printed table; WORKDIR/config.json holds the config it started with.
 """
 
 from __future__ import annotations
@@ -8,30 +9,32 @@ from __future__ import annotations
 import os
 import tempfile
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eb_jax import cost, energy, methods, names, parallel, platform, report, train
+from eb_jax import (
+    cost,
+    energy,
+    methods,
+    names,
+    parallel,
+    platform,
+    report,
+    run_state,
+    stage_runner,
+    train_steps,
+)
 from eb_jax import data as data_lib
-from eb_jax import steps as steps_lib
 from eb_jax.checkpoint import Checkpointer
 from eb_jax.config import ConfigError, check_resumable, config_record, validate, write_config
+from eb_jax.epoch_loop import Clock, RunContext, Trainer, energy_now, swa_result
 from eb_jax.methods import Stage
 from eb_jax.models import bn_scales, model_widths, widths_from_json
 from eb_jax.runlog import MetricWriter, logger
 from eb_jax.ticket import EarlyBirdDetector
 from eb_jax.ticket.export import save_ticket
 from eb_jax.ticket.search import TicketSearch, mask_function
-from eb_jax.trainer import (
-    Clock,
-    Resume,
-    RunContext,
-    Trainer,
-    energy_now,
-    swa_result,
-)
 
 
 def run(config, workdir: str) -> dict:
@@ -41,11 +44,11 @@ def run(config, workdir: str) -> dict:
     """
     validate(config, jax.device_count())
     prepare_workdir(workdir, create=False)
-    steps = methods.method_steps(config)
+    phases = methods.method_phases(config)
     data = data_lib.open_dataset(config.dataset, config.data_dir or None)
     # An unknown model or an option the data cannot meet fails before the workdir is touched.
-    dense_model = steps_lib.build_model(config, data.num_classes, shape=data.spec.image_shape)
-    steps_lib.check_options(config, steps, data)
+    dense_model = stage_runner.build_model(config, data.num_classes, shape=data.spec.image_shape)
+    stage_runner.check_options(config, phases, data)
     prepare_workdir(workdir)
     if jax.process_index() == 0:
         write_config(config, workdir)
@@ -54,14 +57,14 @@ def run(config, workdir: str) -> dict:
     ctx = None
     try:
         ctx, index, net = _start_or_resume(
-            config, steps, data, dense_model, checkpointer, writer, workdir
+            config, phases, data, dense_model, checkpointer, writer, workdir
         )
-        for step in steps[index:]:
-            if isinstance(step, Stage):
-                net = steps_lib.train_stage(ctx, steps, step, net)
+        for phase in phases[index:]:
+            if isinstance(phase, Stage):
+                net = stage_runner.train_stage(ctx, phases, phase, net)
             else:
-                net = steps_lib.prune(ctx, steps, step, net)
-        return _report(ctx, steps, net)
+                net = stage_runner.prune(ctx, phases, phase, net)
+        return _report(ctx, phases, net)
     finally:
         if ctx is not None:
             ctx.energy.close()  # its sampling thread
@@ -69,41 +72,32 @@ def run(config, workdir: str) -> dict:
         checkpointer.close()
 
 
-def _report(ctx: RunContext, steps, net: steps_lib.Network) -> dict:
+def _report(ctx: RunContext, phases, net: stage_runner.Network) -> dict:
     """What the run cost and what it got; written to report.json."""
     config, trainer = ctx.config, net.trainer
-    if "test_accuracy" in trainer.last_metrics:
-        last = trainer.last_metrics
-        tested = {"accuracy": last["test_accuracy"], "top5": last.get("test_top5_accuracy")}
-    else:  # nothing left to train (a finished run started again), or a cut
-        result = trainer.evaluate()
-        tested = {"accuracy": result["accuracy"], "top5": result.get("top5_accuracy")}
+    tested = _tested(trainer)
     final = tested["accuracy"]
     parallel.check_replicas_same_on_all_processes(trainer.state.params, "the final weights")
     swa = _finish_swa(ctx, trainer, final) if trainer.swa.count else None
-    shape = ctx.data.spec.image_shape
-    dense_model = steps_lib.build_model(config, ctx.data.num_classes, shape=shape)
-    dense = cost.forward_cost(dense_model, shape)
-    same = model_widths(trainer.model) == model_widths(dense_model) and net.weight_mask is None
-    end = dense if same else cost.forward_cost(trainer.model, shape, net.weight_mask)
+    dense, end = _dense_and_final_cost(ctx, trainer.model, net.weight_mask)
     ticket = ctx.search.ticket if ctx.search is not None else None
-    pruned = ctx.record["pruned"]
+    pruned = ctx.results["pruned"]
     record = {
         "run": os.path.basename(os.path.normpath(ctx.workdir)),
         "method": config.method,
         "model": config.model,
         "dataset": config.dataset,
         "prune_ratio": config.prune_ratio if ticket or pruned else None,
-        "retrain": pruned["start"] if pruned and methods.final_stage(steps) else None,
+        "retrain": pruned["start"] if pruned and methods.final_stage(phases) else None,
         "ticket_epoch": ticket.epoch if ticket else pruned["epoch"] if pruned else None,
-        "ticket_drawn_by": _drawn_by(config, steps, ticket, pruned),
+        "ticket_drawn_by": _drawn_by(config, phases, ticket, pruned),
         "test_accuracy": swa["accuracy"] if swa else final,
         "test_top5_accuracy": swa["top5"] if swa else tested["top5"],  # None under 5 classes
         "swa": swa["record"] if swa else None,
         "params": {"dense": dense.params, "final": end.params},
         "forward_flops": {"dense": dense.flops, "final": end.flops},
         "forward_macs": {"dense": dense.macs, "final": end.macs},
-        "stages": ctx.record["history"],
+        "stages": ctx.results["history"],
         "wall_time_s": ctx.clock.wall_time(),
         "compile_time_s": ctx.clock.compile_s,  # of the steps, part of the wall time
         "devices": platform.describe(whole_run=True),
@@ -112,7 +106,7 @@ def _report(ctx: RunContext, steps, net: steps_lib.Network) -> dict:
     record["training_pflops"] = sum(s["training_pflops"] for s in record["stages"])
     record["num_epochs"] = config.num_epochs
     # How the pruned network's schedule ran, and whether channels or weights were pruned.
-    record["retrain_schedule"] = methods.final_stage(steps).schedule if record["retrain"] else None
+    record["retrain_schedule"] = methods.final_stage(phases).schedule if record["retrain"] else None
     record["granularity"] = pruned["granularity"] if pruned else None
     # SFP: the original's accuracy (filters zeroed, their BN offsets live) next to the cut
     # network's, which test_accuracy (and every table) holds.
@@ -125,6 +119,25 @@ def _report(ctx: RunContext, steps, net: steps_lib.Network) -> dict:
         report.write_report(ctx.workdir, record)
     logger.info("\n%s", report.format_table([record]))
     return record
+
+
+def _dense_and_final_cost(ctx: RunContext, model, weight_mask) -> tuple:
+    """cost.forward_cost of the dense network and of the final one."""
+    shape = ctx.data.spec.image_shape
+    dense_model = stage_runner.build_model(ctx.config, ctx.data.num_classes, shape=shape)
+    dense = cost.forward_cost(dense_model, shape)
+    same = model_widths(model) == model_widths(dense_model) and weight_mask is None
+    return dense, dense if same else cost.forward_cost(model, shape, weight_mask)
+
+
+def _tested(trainer: Trainer) -> dict:
+    """The final network's test accuracy and top-5: the last epoch's, or evaluated now
+    (nothing left to train: a finished run started again, or a cut)."""
+    last = trainer.last_metrics
+    if "test_accuracy" in last:
+        return {"accuracy": last["test_accuracy"], "top5": last.get("test_top5_accuracy")}
+    result = trainer.evaluate()
+    return {"accuracy": result["accuracy"], "top5": result.get("top5_accuracy")}
 
 
 def _energy_record(ctx: RunContext, trainer: Trainer) -> dict:
@@ -153,11 +166,11 @@ def _finish_swa(ctx: RunContext, trainer: Trainer, last: float) -> dict:
     return {"accuracy": metrics["accuracy"], "top5": metrics.get("top5_accuracy"), "record": record}
 
 
-def _drawn_by(config, steps, ticket, pruned) -> str | None:
+def _drawn_by(config, phases, ticket, pruned) -> str | None:
     """How the ticket (or the pruning) was decided: report.json's ticket_drawn_by."""
     if ticket is None:
         return pruned["criterion"] if pruned else None
-    search = next(s for s in methods.stages(steps) if s.name == names.SEARCH)
+    search = next(s for s in methods.stages(phases) if s.name == names.SEARCH)
     if search.until == "schedule":
         return "full search"
     if config.ticket_epoch:
@@ -165,8 +178,8 @@ def _drawn_by(config, steps, ticket, pruned) -> str | None:
     return "detector" if ticket.emerged else "no emergence"
 
 
-def _new_search(config, steps, model, input_shape) -> TicketSearch | None:
-    if not methods.draws_tickets(steps):
+def _new_search(config, phases, model, input_shape) -> TicketSearch | None:
+    if not methods.draws_tickets(phases):
         return None
     detector = EarlyBirdDetector(config.eb_window, config.eb_eps, config.eb_rule)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))
@@ -176,52 +189,44 @@ def _new_search(config, steps, model, input_shape) -> TicketSearch | None:
     )
 
 
-def _start_or_resume(config, steps, data, dense_model, checkpointer, writer, workdir):
-    """(RunContext, index of the step to run next, Network) fresh or from the newest
+def _start_or_resume(config, phases, data, dense_model, checkpointer, writer, workdir):
+    """(RunContext, index of the phase to run next, Network) fresh or from the newest
     readable checkpoint; the model is rebuilt from its recorded widths first."""
     shape = data.spec.image_shape
-    search = _new_search(config, steps, dense_model, shape)
+    search = _new_search(config, phases, dense_model, shape)
     ctx = RunContext(config, data, workdir, checkpointer, writer, Clock(), search)
     meter = _open_meter()
     built = {}
-    restored = checkpointer.restore(lambda meta: _restore_target(ctx, steps, meta, built))
+    restored = checkpointer.restore(lambda record: _restore_target(ctx, phases, record, built))
     if restored is None:
-        variables = train.init_variables(dense_model, jax.random.key(config.seed), shape)
-        _save_init_for_rewind(ctx, steps, dense_model, variables)
+        variables = train_steps.init_variables(dense_model, jax.random.key(config.seed), shape)
+        _save_init_for_rewind(ctx, phases, dense_model, variables)
         ctx.clock = Clock()  # the wall time counts from here: training, not start-up
         ctx.energy = _energy_clock(config, meter, workdir, None, -1, 0.0)  # and the energy
-        return ctx, 0, steps_lib.Network(dense_model, variables)
-    step, arrays, meta = restored
-    state = flax.serialization.from_state_dict(built["state"], arrays["train"])
-    if search is not None and meta.get("search"):
-        search.load_state_dict(arrays["search"], meta["search"])
-    ctx.clock = Clock(meta["wall_time_s"], meta["compile_time_s"])
-    saved = meta.get("energy")
-    ctx.energy = _energy_clock(config, meter, workdir, saved, step, meta["wall_time_s"])
-    ctx.record = {"history": meta["history"], "pruned": meta["pruned"]}
+        return ctx, 0, stage_runner.Network(dense_model, variables)
+    step, arrays, record = restored
+    back = run_state.restored(arrays, record, built["state"])
+    if search is not None and back.search is not None:
+        search.load_state_dict(*back.search)
+    ctx.clock = Clock(*back.clock)
+    ctx.energy = _energy_clock(config, meter, workdir, back.energy, step, back.clock[0])
+    ctx.results = back.results
     logger.info(
         "resuming the run in %s from its checkpoint at step %d (epoch %d, stage %s)",
         workdir,
         step,
-        meta["epoch"],
-        meta["stage"],
+        record["epoch"],
+        back.stage,
     )
-    resume = Resume(
-        meta["epoch_sums"],
-        arrays.get("swa"),
-        meta.get("swa_count", 0),
-        meta["energy_marks"],
-        arrays.get("device_batch_stats"),
-    )
-    net = steps_lib.Network(
+    net = stage_runner.Network(
         built["model"],
         step=step,
-        weight_mask=arrays.get("weight_mask"),
-        state=state,
-        resume=resume,
-        stage_start=meta["stage_start_step"],
+        weight_mask=back.weight_mask,
+        state=back.state,
+        resume=back.resume,
+        stage_start=back.stage_start,
     )
-    return ctx, steps.index(built["stage"]), net
+    return ctx, phases.index(built["stage"]), net
 
 
 def _open_meter() -> energy.Meter:
@@ -244,46 +249,33 @@ def _energy_clock(config, meter, workdir: str, saved, step: int, wall_s: float):
     return clock
 
 
-def _restore_target(ctx: RunContext, steps, meta: dict, built: dict) -> dict:
-    """The arrays a checkpoint with JSON record `meta` holds, as abstract targets; the
-    stage's model, plan and TrainState built for them go into `built`."""
+def _restore_target(ctx: RunContext, phases, record: dict, built: dict) -> dict:
+    """The arrays a checkpoint with JSON `record` holds, as abstract targets; the
+    stage's model and its fresh TrainState built for them go into `built`."""
     config, data = ctx.config, ctx.data
-    check_resumable(config, meta, ctx.workdir)
-    stage = _stage_named(steps, meta["stage"])
-    after = methods.after_prune(steps, stage)
-    model = steps_lib.build_model(config, data.num_classes, widths_from_json(meta["widths"]), after)
+    check_resumable(config, record, ctx.workdir)
+    stage = _stage_named(phases, record["stage"])
+    after = methods.after_prune(phases, stage)
+    widths = widths_from_json(record["widths"])
+    model = stage_runner.build_model(config, data.num_classes, widths, after)
     shape = data.spec.image_shape
-    shapes = jax.eval_shape(lambda: train.init_variables(model, jax.random.key(0), shape))
-    plan = steps_lib.stage_plan(ctx, steps, stage, meta["stage_start_step"])
-    built.update(stage=stage, model=model, state=steps_lib.fresh_state(ctx, plan, model, shapes))
-    target = {"train": flax.serialization.to_state_dict(built["state"])}
-    if ctx.search is not None and meta.get("search"):
-        target["search"] = ctx.search.arrays_like(len(meta["search"]["epochs"]))
-    if meta.get("swa_count"):
-        target["swa"] = target["train"]["params"]
-    if meta.get("device_batch_stats"):  # a preemption's: every device's own
-        n = meta["device_batch_stats"]
-        target["device_batch_stats"] = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct((n, *x.shape), x.dtype), target["train"]["batch_stats"]
-        )
-    if stage.name == names.MASKED:
-        target["weight_mask"] = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, np.bool_), target["train"]["params"]
-        )
-    return target
+    shapes = jax.eval_shape(lambda: train_steps.init_variables(model, jax.random.key(0), shape))
+    plan = stage_runner.stage_plan(ctx, phases, stage, record["stage_start_step"])
+    built.update(stage=stage, model=model, state=stage_runner.fresh_state(ctx, plan, model, shapes))
+    return run_state.restore_target(record, built["state"], ctx.search)
 
 
-def _stage_named(steps, name: str) -> Stage:
-    for stage in methods.stages(steps):
+def _stage_named(phases, name: str) -> Stage:
+    for stage in methods.stages(phases):
         if stage.name == name:
             return stage
     raise ConfigError(f"the checkpoint is in stage {name!r}, which this method does not have")
 
 
-def _save_init_for_rewind(ctx: RunContext, steps, model, variables) -> None:
+def _save_init_for_rewind(ctx: RunContext, phases, model, variables) -> None:
     """Keeps the weights at initialisation for a method that rewinds to them; a run
     killed before its first checkpoint has them already (the same seed, the same init)."""
-    prune = methods.prune_step(steps)
+    prune = methods.prune_phase(phases)
     init_dir = os.path.join(ctx.workdir, "init")
     if prune is None or prune.start != names.REWIND:
         return

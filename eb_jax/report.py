@@ -231,6 +231,22 @@ def plot_costs(records: list[dict], path: str) -> None:
     cost_figure(records).savefig(path, dpi=120, bbox_inches="tight")
 
 
+def _stacked_stages(ax, i: int, stages: list, scale: float, colors: dict, seen: set) -> None:
+    """Run i's stages as stacked bars, each labelled with its epochs; a stage's name goes
+    to the legend the first time it is `seen`."""
+    bottom = 0.0
+    for s in stages:
+        label = None if s["stage"] in seen else s["stage"]
+        seen.add(s["stage"])
+        height = s["training_pflops"] * scale
+        ax.bar(i, height, bottom=bottom, color=colors.get(s["stage"], "tab:red"), label=label)
+        if height:
+            ax.text(
+                i, bottom + height / 2, f"{s['epochs']} ep.", ha="center", va="center", fontsize=8
+            )
+        bottom += height
+
+
 def cost_figure(records: list[dict]):
     """Training FLOPs per run, stacked by stage, in a unit that suits their size, with
     each run's dense training on the same schedule as a dashed reference."""
@@ -252,22 +268,7 @@ def cost_figure(records: list[dict]):
     ]
     seen = set()
     for i, r in enumerate(records):
-        bottom = 0.0
-        for s in r["stages"]:
-            label = None if s["stage"] in seen else s["stage"]
-            seen.add(s["stage"])
-            height = s["training_pflops"] * scale
-            ax.bar(i, height, bottom=bottom, color=colors.get(s["stage"], "tab:red"), label=label)
-            if height:
-                ax.text(
-                    i,
-                    bottom + height / 2,
-                    f"{s['epochs']} ep.",
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                )
-            bottom += height
+        _stacked_stages(ax, i, r["stages"], scale, colors, seen)
         dense = dense_run_pflops(r) * scale
         ax.hlines(
             dense,

@@ -74,11 +74,11 @@ def trained_like(name, shape, seed=0):
         import jax
         import numpy as np
 
-        from eb_jax import train
+        from eb_jax import train_steps
         from eb_jax.models import create_model
 
         model = create_model(name, 10)
-        variables = train.init_variables(model, jax.random.key(seed), shape)
+        variables = train_steps.init_variables(model, jax.random.key(seed), shape)
         rng = np.random.default_rng(seed)
 
         def spread(path, x):
@@ -101,7 +101,7 @@ class Interrupted(Exception):
 def interrupt_after(monkeypatch):
     """`interrupt_after([e1, e2, ...])`: training stops with `Interrupted` right after
     epoch e1 (1-based, its checkpoint written), in a later run after e2, and so on."""
-    from eb_jax.trainer import Trainer
+    from eb_jax.epoch_loop import Trainer
 
     def arm(epochs: list[int]):
         train_epoch = Trainer.train_epoch
@@ -122,7 +122,7 @@ def interrupt_after(monkeypatch):
 def signal_during(monkeypatch):
     """`signal_during([s1, s2, ...])`: a real SIGTERM to this process as its training step
     s1 (global, 1-based) starts; in a later run as step s2 starts, and so on."""
-    from eb_jax.trainer import Trainer
+    from eb_jax.epoch_loop import Trainer
 
     def arm(steps: list[int]):
         step = Trainer._step

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from conftest import assert_same_run, checkpoint_arrays, tiny_config
 
-from eb_jax import pipeline, train
+from eb_jax import pipeline, train_steps
 from eb_jax.checkpoint import Checkpointer, CheckpointError, load_model
 from eb_jax.data import open_dataset
+from eb_jax.epoch_loop import Clock, RunContext, StagePlan, Trainer
 from eb_jax.lowp import FP32
 from eb_jax.models import create_model
 from eb_jax.runlog import MetricWriter
-from eb_jax.trainer import Clock, RunContext, StagePlan, Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -249,8 +249,8 @@ def test_pruned_model_is_rebuilt_from_the_checkpoint_metadata_alone(tmp_path, da
     config = _config(data_dir)
     data = open_dataset("digits", data_dir)
     narrow = create_model("vgg_tiny", 10, cfg=(3, "M", 5, 2))
-    tx = train.create_optimizer(config, 11)
-    state = train.create_train_state(narrow, jax.random.key(1), (8, 8, 1), tx)
+    tx = train_steps.create_optimizer(config, 11)
+    state = train_steps.create_train_state(narrow, jax.random.key(1), (8, 8, 1), tx)
     checkpointer = Checkpointer(str(tmp_path), async_save=False)
     writer = MetricWriter(str(tmp_path))
     run = RunContext(config, data, str(tmp_path), checkpointer, writer, Clock())

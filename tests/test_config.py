@@ -8,6 +8,7 @@ import pytest
 from eb_jax import methods, names
 from eb_jax.config import ConfigError, default_config, validate
 from eb_jax.methods import Prune, Stage
+from eb_jax.prune import criteria
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,13 +47,13 @@ def test_bad_combinations_are_one_line_config_errors(overrides, message):
 def test_every_method_is_a_valid_declaration(method):
     config = _config(method=method)
     validate(config, 1)
-    steps = methods.method_steps(config)
-    assert all(isinstance(s, (Stage, Prune)) for s in steps)
-    assert sum(isinstance(s, Prune) for s in steps) <= 1
-    assert all(s.name in names.STAGES for s in methods.stages(steps))
-    prune = methods.prune_step(steps)
+    phases = methods.method_phases(config)
+    assert all(isinstance(s, (Stage, Prune)) for s in phases)
+    assert sum(isinstance(s, Prune) for s in phases) <= 1
+    assert all(s.name in names.STAGES for s in methods.stages(phases))
+    prune = methods.prune_phase(phases)
     if prune is not None:
-        assert prune.criterion in methods.CHANNEL_CRITERIA + methods.WEIGHT_CRITERIA
+        assert prune.criterion in criteria.REGISTRY and prune.ratio == config.prune_ratio
         assert prune.start in names.RETRAIN_MODES
 
 

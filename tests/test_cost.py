@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eb_jax import train
+from eb_jax import train_steps
 from eb_jax.cost import forward_cost, training_flops, uniform_cut_flops, widest_ticket_flops
 from eb_jax.models import create_model
 from eb_jax.ticket.surgery import cut_ticket
@@ -60,7 +60,7 @@ def test_agrees_with_xla_cost_analysis(name, shape):
 
 def test_a_cut_ticket_costs_what_its_widths_say():
     model = create_model("vgg_tiny", 10)
-    variables = train.init_variables(model, jax.random.key(0), (8, 8, 1))
+    variables = train_steps.init_variables(model, jax.random.key(0), (8, 8, 1))
     masks = [np.arange(n) % 2 == 0 for n in (8, 16, 16)]  # keep half of every layer
     narrow, _, _ = cut_ticket(model, variables, masks)
     cost = forward_cost(narrow, (8, 8, 1))

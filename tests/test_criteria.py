@@ -10,7 +10,7 @@ from conftest import trained_like
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eb_jax import parallel, train
+from eb_jax import parallel, train_steps
 from eb_jax.config import default_config
 from eb_jax.prune import sfp, thinet, weights
 from eb_jax.ticket.groups import interior_groups, producer
@@ -162,14 +162,14 @@ def test_masked_weights_stay_exactly_zero_through_many_steps():
     config = default_config()
     config.update(weight_decay=1e-2, momentum=0.9, learning_rate=0.5, lr_boundaries=())
     mask = weights.magnitude_mask(variables["params"], 0.7)
-    params = train.apply_weight_mask(variables["params"], mask)
-    state = train.TrainState.create(
+    params = train_steps.apply_weight_mask(variables["params"], mask)
+    state = train_steps.TrainState.create(
         apply_fn=model.apply,
         params=params,
         batch_stats=variables["batch_stats"],
-        tx=train.create_optimizer(config, 10),
+        tx=train_steps.create_optimizer(config, 10),
     )
-    step = parallel.pmap_step(train.train_step)
+    step = parallel.pmap_step(train_steps.train_step)
     state, mask_r = parallel.replicate(state), parallel.replicate(mask)
     rng = np.random.default_rng(0)
     for _ in range(25):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import assert_same_run, run_through_kills, tiny_config
 
-from eb_jax import cost, pipeline, train
+from eb_jax import cost, pipeline, train_steps
 from eb_jax.checkpoint import load_model
 from eb_jax.config import ConfigError, validate
 from eb_jax.models import create_model
@@ -101,8 +101,8 @@ def test_bn_sparsity_on_a_custom_model_spares_its_layernorm():
     shapes = jax.eval_shape(model.init, jax.random.key(0), model.example_input())["params"]
     params = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes)
     zeros = jax.tree.map(np.zeros_like, params)
-    updates, _ = train.add_bn_sparsity(0.5, model.bn_paths()).update(zeros, None, params)
+    updates, _ = train_steps.add_bn_sparsity(0.5, model.bn_paths()).update(zeros, None, params)
     moved = {path[:-1] for path, u in _leaves(updates) if np.any(u)}
     assert moved == set(model.bn_paths()) and moved
-    everything, _ = train.add_bn_sparsity(0.5).update(zeros, None, params)  # every 'scale'
+    everything, _ = train_steps.add_bn_sparsity(0.5).update(zeros, None, params)  # every 'scale'
     assert any("LayerNorm" in "/".join(p) for p, u in _leaves(everything) if np.any(u))

@@ -15,7 +15,7 @@ from conftest import Interrupted, tiny_config
 
 from eb_jax import energy, pipeline, report
 from eb_jax.energy import ACCELERATOR, HOST, Device
-from eb_jax.trainer import Trainer
+from eb_jax.epoch_loop import Trainer
 
 WATTS = 100.0
 GPU_A, GPU_B = "0000:3B:00.0", "0000:86:00.0"

@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import Interrupted
 
-from eb_jax import experiments, pipeline, report, train
+from eb_jax import experiments, pipeline, report, train_steps
 from eb_jax.config import ConfigError, config_record, load_config
 from eb_jax.cost import forward_cost, training_flops
 from eb_jax.models import create_model
@@ -110,9 +110,9 @@ def test_every_drawn_ticket_retrains_on_one_common_schedule():
     ]
     # The search runs on its row's schedule; every ticket retrains on the config's.
     low = experiments.run_config(config, table1[5])
-    assert train.stage_lr(low, 10, stage="search")(0) == pytest.approx(0.01)
-    assert train.stage_lr(low, 10, 25, stage="retrain")(25) == pytest.approx(0.1)
-    assert train.stage_lr(low, 10, stage="search")(10 * 100) == pytest.approx(0.001)
+    assert train_steps.stage_lr(low, 10, stage="search")(0) == pytest.approx(0.01)
+    assert train_steps.stage_lr(low, 10, 25, stage="retrain")(25) == pytest.approx(0.1)
+    assert train_steps.stage_lr(low, 10, stage="search")(10 * 100) == pytest.approx(0.001)
 
 
 @pytest.mark.slow

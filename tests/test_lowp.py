@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eb_jax import lowp, parallel, train
+from eb_jax import lowp, parallel, train_steps
 from eb_jax.config import ConfigError, default_config, stage_precision, validate
 from eb_jax.models import create_model
 
@@ -138,16 +138,16 @@ def _loss(state, batch):
         logits, updates = state.apply_fn(
             variables, batch["image"], train=True, mutable=["batch_stats"]
         )
-        return train.cross_entropy(logits, batch["label"]), updates
+        return train_steps.cross_entropy(logits, batch["label"]), updates
 
     return loss
 
 
 def _state(precision, config=None, model="vgg_tiny"):
     config = config or default_config()
-    tx = train.create_optimizer(config, 10, precision=precision)
+    tx = train_steps.create_optimizer(config, 10, precision=precision)
     net = create_model(model, 10, precision=precision)
-    return train.create_train_state(net, jax.random.key(0), (8, 8, 1), tx)
+    return train_steps.create_train_state(net, jax.random.key(0), (8, 8, 1), tx)
 
 
 @pytest.mark.parametrize("model", ["vgg_tiny"])  # the quantisers live in the shared Conv
@@ -169,7 +169,7 @@ BFP8 = lowp.Precision("bfp8")
 
 @functools.cache
 def _jitted_step(precision, seed):
-    return jax.jit(functools.partial(train.train_step, precision=precision, seed=seed))
+    return jax.jit(functools.partial(train_steps.train_step, precision=precision, seed=seed))
 
 
 def _quantised_step(seed=0, steps=2):
@@ -195,7 +195,7 @@ def test_bfp_step_is_seeded_and_keeps_weights_and_momentum_in_the_format():
 def test_bfp_pmap_step_keeps_the_devices_replicas_equal():
     state = parallel.replicate(_state(BFP8))
     step = parallel.pmap_step(
-        lambda s, b, axis_name: train.train_step(s, b, axis_name=axis_name, precision=BFP8)
+        lambda s, b, axis_name: train_steps.train_step(s, b, axis_name=axis_name, precision=BFP8)
     )
     for i in range(2):
         state, _ = step(state, parallel.shard(_batch(seed=i), 2))
@@ -212,15 +212,15 @@ def test_precision_off_is_the_plain_fp32_step():
     states = []
     for c in (config, odd):
         state = _state(stage_precision(c, "search"), c)
-        new, _ = jax.jit(functools.partial(train.train_step, seed=c.seed))(state, batch)
+        new, _ = jax.jit(functools.partial(train_steps.train_step, seed=c.seed))(state, batch)
         states.append(new)
     jax.tree.map(np.testing.assert_array_equal, states[0].params, states[1].params)
-    jaxpr = str(jax.make_jaxpr(train.train_step)(state, batch))
+    jaxpr = str(jax.make_jaxpr(train_steps.train_step)(state, batch))
     assert not any(op in jaxpr for op in ("round", "floor", "random_bits", "threefry"))
 
     grads, updates = jax.jit(jax.grad(_loss(state, batch), has_aux=True))(state.params)
     tx = optax.chain(
-        train.add_bn_sparsity(config.sparsity),
+        train_steps.add_bn_sparsity(config.sparsity),
         optax.add_decayed_weights(config.weight_decay),
         optax.sgd(config.learning_rate, momentum=config.momentum),
     )

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eb_jax import train
+from eb_jax import train_steps
 from eb_jax.config import default_config
 from eb_jax.models import MODELS, bn_scales, create_model
 from eb_jax.models.layers import BN_MOMENTUM, Conv, batch_norm, max_pool_2x2
@@ -32,8 +32,8 @@ FULL = {
 def _state(model, shape, **overrides):
     config = default_config()
     config.update(overrides)
-    tx = train.create_optimizer(config, steps_per_epoch=10)
-    return train.create_train_state(model, jax.random.key(0), shape, tx)
+    tx = train_steps.create_optimizer(config, steps_per_epoch=10)
+    return train_steps.create_train_state(model, jax.random.key(0), shape, tx)
 
 
 def _batch(shape, n=4, classes=10, seed=0):
@@ -55,7 +55,7 @@ def test_tiny_preset_takes_a_train_step(name):
     shape = TINY[name]
     model = create_model(name, num_classes=10)
     state = _state(model, shape)
-    step = jax.jit(train.train_step)
+    step = jax.jit(train_steps.train_step)
     new_state, metrics = step(state, _batch(shape))
     assert int(new_state.step) == 1
     assert int(metrics["count"]) == 4 and np.isfinite(float(metrics["loss_sum"]))
@@ -73,17 +73,17 @@ def test_paper_network_traces_a_train_step_with_its_bn_layout(name):
     shape, n_bn, total = FULL[name]
     model = create_model(name, num_classes=10)
     config = default_config()
-    tx = train.create_optimizer(config, 10)
+    tx = train_steps.create_optimizer(config, 10)
 
     def init_and_step(batch):
         variables = model.init(jax.random.key(0), batch["image"][:1])
-        state = train.TrainState.create(
+        state = train_steps.TrainState.create(
             apply_fn=model.apply,
             params=variables["params"],
             batch_stats=variables["batch_stats"],
             tx=tx,
         )
-        return state, train.train_step(state, batch)
+        return state, train_steps.train_step(state, batch)
 
     state, (new_state, metrics) = jax.eval_shape(init_and_step, _batch(shape, n=2))
     scales = bn_scales(model, state.params)
@@ -94,7 +94,7 @@ def test_paper_network_traces_a_train_step_with_its_bn_layout(name):
 
 def test_bn_scales_follow_module_order_and_init():
     model = create_model("resnet_tiny_bottleneck", 10)
-    variables = train.init_variables(model, jax.random.key(0), (16, 16, 3))
+    variables = train_steps.init_variables(model, jax.random.key(0), (16, 16, 3))
     paths = model.bn_paths()
     # torchvision order inside a bottleneck: bn1, bn2, bn3, then the downsample's BN.
     assert [p[0] for p in paths[:5]] == [
@@ -107,7 +107,7 @@ def test_bn_scales_follow_module_order_and_init():
     scales = bn_scales(model, variables["params"])
     assert all(np.all(np.asarray(s) == 1.0) for s in scales)  # ImageNet ResNets: scale 1
     vgg = create_model("vgg_tiny", 10)
-    v = train.init_variables(vgg, jax.random.key(0), (8, 8, 1))
+    v = train_steps.init_variables(vgg, jax.random.key(0), (8, 8, 1))
     assert [s.shape[0] for s in bn_scales(vgg, v["params"])] == [8, 16, 16]
     assert all(np.all(np.asarray(s) == 0.5) for s in bn_scales(vgg, v["params"]))
 
@@ -217,7 +217,7 @@ def test_preresnet_channel_selection_gradient_has_no_scatter():
     keep = [tuple(sorted(rng.choice(c, c // 2, replace=False))) for c in (16, 64, 128, 256)]
     model = model.clone(selections=tuple(keep))
     x = jnp.asarray(rng.standard_normal((2, 8, 8, 3)), jnp.float32)
-    variables = train.init_variables(model, jax.random.key(0), x.shape[1:])
+    variables = train_steps.init_variables(model, jax.random.key(0), x.shape[1:])
 
     def loss(params, x):
         y, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])

@@ -40,15 +40,15 @@ def test_ruff_format_is_clean():
 LAYERS = [
     ["main", "experiments"],
     ["pipeline"],
-    ["steps"],
+    ["stage_runner"],
     ["report", "paper_outputs"],
-    ["trainer", "config", "methods"],
+    ["epoch_loop", "run_state", "config", "methods"],
     [
         "prune",
         "ticket",
         "cost",
         "checkpoint",
-        "train",
+        "train_steps",
         "parallel",
         "preemption",
         "data",
@@ -124,3 +124,47 @@ def test_nothing_points_outside_the_repository():
                 text = f.read()
             hits += [f"{os.path.relpath(file, ROOT)}: {p}" for p in pattern if p in text]
     assert not hits, hits
+
+
+def _definitions():
+    """(where, node) for every function and class in eb_jax/."""
+    import ast
+
+    for folder, _, files in os.walk(os.path.join(ROOT, "eb_jax")):
+        for name in sorted(files):
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                with open(path) as f:
+                    tree = ast.parse(f.read())
+                for node in ast.walk(tree):
+                    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                        yield f"{os.path.relpath(path, ROOT)}:{node.lineno} {node.name}", node
+
+
+def _constructor_parameters(node) -> int:
+    """An __init__'s parameters, or a dataclass's fields that have no default (what a
+    caller must pass)."""
+    import ast
+
+    if isinstance(node, ast.FunctionDef):
+        return len(node.args.args) - 1 + len(node.args.kwonlyargs)
+    fields = [s for s in node.body if isinstance(s, ast.AnnAssign)]
+    return sum(s.value is None for s in fields)
+
+
+def test_no_long_function_big_class_or_wide_constructor():
+    import ast
+
+    too_big = []
+    for where, node in _definitions():
+        lines = node.end_lineno - node.lineno + 1
+        if isinstance(node, ast.FunctionDef) and lines > 50:
+            too_big.append(f"{where}: a function of {lines} lines (at most 50)")
+        if isinstance(node, ast.ClassDef) and lines > 150:
+            too_big.append(f"{where}: a class of {lines} lines (at most 150)")
+        is_dataclass = isinstance(node, ast.ClassDef) and any(
+            "dataclass" in ast.unparse(d) for d in node.decorator_list
+        )
+        if (node.name == "__init__" or is_dataclass) and _constructor_parameters(node) > 6:
+            too_big.append(f"{where}: a constructor of {_constructor_parameters(node)} parameters")
+    assert not too_big, too_big

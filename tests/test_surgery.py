@@ -8,7 +8,7 @@ from conftest import trained_like
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
-from eb_jax import train
+from eb_jax import train_steps
 from eb_jax.models import bn_scales
 from eb_jax.ticket.surgery import apply_cut, cut_ticket, plan_cut
 
@@ -125,7 +125,7 @@ def test_round_to_adds_the_next_largest_scales():
 
 def test_rewind_cuts_the_initial_weights_with_the_same_plan():
     model, trained = trained_like("vgg_tiny", (8, 8, 1))
-    initial = train.init_variables(model, jax.random.key(0), (8, 8, 1))
+    initial = train_steps.init_variables(model, jax.random.key(0), (8, 8, 1))
     masks = [np.arange(8) < 4, np.arange(16) >= 10, np.arange(16) % 3 == 0]
     plan = plan_cut(model, trained["params"], masks)
     _, rewound = apply_cut(model, initial, plan)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eb_jax import parallel, train
+from eb_jax import parallel, train_steps
 from eb_jax.config import default_config
 from eb_jax.models import create_model
 
@@ -35,7 +35,7 @@ def _batch(n=8, shape=(8, 8, 1), seed=0):
 
 
 def test_lr_schedule_steps_down_at_boundary_epochs():
-    schedule = train.lr_schedule(0.1, (2, 3), 0.1, steps_per_epoch=5)
+    schedule = train_steps.lr_schedule(0.1, (2, 3), 0.1, steps_per_epoch=5)
     lrs = [float(schedule(step)) for step in range(20)]
     np.testing.assert_allclose(lrs[:10], 0.1)
     np.testing.assert_allclose(lrs[10:15], 0.01)
@@ -46,7 +46,7 @@ def test_optimizer_matches_pytorch_sgd():
     """PyTorch: g += s*sign(scale) (BN only); g += wd*p; buf = m*buf + g; p -= lr*buf."""
     lr, wd, m, s = 0.1, 1e-2, 0.9, 1e-3
     config = _config(learning_rate=lr, lr_boundaries=(), weight_decay=wd, momentum=m, sparsity=s)
-    tx = train.create_optimizer(config, steps_per_epoch=1)
+    tx = train_steps.create_optimizer(config, steps_per_epoch=1)
     params = {"bn": {"scale": jnp.array([0.5, -0.2, 0.0]), "bias": jnp.array([0.1, 0.2, 0.3])}}
     opt_state = tx.init(params)
     expected = jax.tree.map(np.asarray, params)
@@ -71,9 +71,9 @@ def test_sparsity_changes_only_bn_scale_updates():
     batch = _batch()
     states = {}
     for s in (0.0, 1e-2):
-        tx = train.create_optimizer(_config(sparsity=s), steps_per_epoch=10)
-        state = train.create_train_state(model, jax.random.key(0), (8, 8, 1), tx)
-        states[s], _ = jax.jit(train.train_step)(state, batch)
+        tx = train_steps.create_optimizer(_config(sparsity=s), steps_per_epoch=10)
+        state = train_steps.create_train_state(model, jax.random.key(0), (8, 8, 1), tx)
+        states[s], _ = jax.jit(train_steps.train_step)(state, batch)
     flat0 = dict(jax.tree_util.tree_leaves_with_path(states[0.0].params))
     flat1 = dict(jax.tree_util.tree_leaves_with_path(states[1e-2].params))
     n_scales = 0
@@ -88,12 +88,12 @@ def test_sparsity_changes_only_bn_scale_updates():
 
 
 def _one_step(model, batch, shape, devices: int):
-    tx = train.create_optimizer(_config(), steps_per_epoch=10)
-    state = train.create_train_state(model, jax.random.key(0), shape, tx)
+    tx = train_steps.create_optimizer(_config(), steps_per_epoch=10)
+    state = train_steps.create_train_state(model, jax.random.key(0), shape, tx)
     if devices == 1:
-        state, metrics = jax.jit(train.train_step)(state, batch)
+        state, metrics = jax.jit(train_steps.train_step)(state, batch)
         return state, metrics
-    step = parallel.pmap_step(train.train_step)
+    step = parallel.pmap_step(train_steps.train_step)
     state, metrics = step(parallel.replicate(state), parallel.shard(batch, devices))
     jax.block_until_ready(metrics)
     return parallel.unreplicate(state), parallel.unreplicate(metrics)
@@ -122,12 +122,12 @@ def test_two_device_pmap_step_agrees_with_one_device_step_with_batchnorm():
 
 def test_eval_step_ignores_padding():
     model = create_model("vgg_tiny", 10)
-    tx = train.create_optimizer(_config(), 10)
-    state = train.create_train_state(model, jax.random.key(0), (8, 8, 1), tx)
+    tx = train_steps.create_optimizer(_config(), 10)
+    state = train_steps.create_train_state(model, jax.random.key(0), (8, 8, 1), tx)
     batch = _batch(n=6)
-    full = train.eval_step(state, {k: v[:4] for k, v in batch.items()})
+    full = train_steps.eval_step(state, {k: v[:4] for k, v in batch.items()})
     batch["mask"] = np.arange(6) < 4
-    padded = train.eval_step(state, batch)
+    padded = train_steps.eval_step(state, batch)
     assert int(padded["count"]) == 4 and int(padded["correct"]) == int(full["correct"])
     np.testing.assert_allclose(padded["loss_sum"], full["loss_sum"], rtol=1e-6)
 
@@ -139,18 +139,18 @@ def test_eval_step_counts_top5_with_five_classes_or_more():
     def apply_fn(variables, images, train):
         return images
 
-    state = train.TrainState(
+    state = train_steps.TrainState(
         step=0, apply_fn=apply_fn, params={}, tx=None, opt_state=None, batch_stats={}
     )
-    metrics = train.eval_step(state, {"image": logits, "label": labels})
+    metrics = train_steps.eval_step(state, {"image": logits, "label": labels})
     assert int(metrics["correct5"]) == 1 and int(metrics["correct"]) == 0
-    few = train.eval_step(state, {"image": logits[:, :4], "label": labels % 4})
+    few = train_steps.eval_step(state, {"image": logits[:, :4], "label": labels % 4})
     assert "correct5" not in few
 
 
 def test_sync_batch_stats_averages_devices():
     stats = {"bn": {"mean": np.stack([np.zeros(3), np.full(3, 2.0)]).astype(np.float32)}}
-    state = train.TrainState(
+    state = train_steps.TrainState(
         step=0, apply_fn=None, params={}, tx=None, opt_state=None, batch_stats=stats
     )
     synced = parallel.sync_batch_stats(state)

@@ -11,7 +11,7 @@ from conftest import tiny_config
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
-from eb_jax import cost, train
+from eb_jax import cost, train_steps
 from eb_jax.config import ConfigError, validate
 from eb_jax.lowp import Precision
 from eb_jax.models import bn_scales, create_model
@@ -27,7 +27,7 @@ NO_SHRINK = (Phase.explicit, Phase.reuse, Phase.generate)
 def _trained_like(seed=0):
     """vit_tiny's variables with every param (gates, classifier) spread as after training."""
     model = create_model("vit_tiny", 10)
-    variables = train.init_variables(model, jax.random.key(seed), SHAPE)
+    variables = train_steps.init_variables(model, jax.random.key(seed), SHAPE)
     rng = np.random.default_rng(seed)
 
     def spread(path, x):
@@ -60,7 +60,7 @@ def test_gates_are_the_scales_and_the_only_params_named_scale():
     model, variables = _trained_like()
     params = variables["params"]
     assert [s.shape for s in bn_scales(model, params)] == [(2,), (16,)] * 2
-    marked = jax.tree_util.tree_flatten_with_path(train._is_bn_scale(params))[0]
+    marked = jax.tree_util.tree_flatten_with_path(train_steps._is_bn_scale(params))[0]
     assert {p[0].key for p, is_scale in marked if is_scale} == {
         f"block{i}_{g}_gate" for i in range(2) for g in ("head", "mlp")
     }
@@ -181,12 +181,12 @@ def test_adamw_decays_only_kernels_and_the_cosine_schedule_warms_up():
     config = default_config()
     config.update(optimizer="adamw", learning_rate=1.0, weight_decay=0.1, sparsity=0.0)
     config.update(lr_schedule="cosine", warmup_epochs=1, num_epochs=3)
-    schedule = train.stage_lr(config, 10)
+    schedule = train_steps.stage_lr(config, 10)
     assert [float(schedule(s)) for s in (0, 5, 10, 20, 30)] == pytest.approx(
         [0, 0.5, 1, 0.5, 0], abs=1e-6
     )
     config.warmup_epochs = 0
-    tx = train.create_optimizer(config, 10)
+    tx = train_steps.create_optimizer(config, 10)
     params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zeros, tx.init(params), params)
@@ -198,7 +198,7 @@ def test_label_smoothing_mixes_the_uniform_target_in():
     logits = jnp.asarray([[2.0, 0.0, -1.0]])
     log_p = jax.nn.log_softmax(logits)[0]
     expected = -(0.9 * log_p[1] + 0.1 * log_p.mean())
-    got = train.cross_entropy(logits, jnp.asarray([1]), label_smoothing=0.1)
+    got = train_steps.cross_entropy(logits, jnp.asarray([1]), label_smoothing=0.1)
     assert float(got) == pytest.approx(float(expected), rel=1e-6)
 
 

@@ -48,7 +48,7 @@ class DatasetSpec:
     image_shape: tuple  # the model's input (H, W, C)
     mean: tuple
     std: tuple
-    augment: str  # 'none' | 'cifar' | 'imagenet'
+    augment: str = "none"  # 'none' | 'cifar' | 'imagenet'
     in_memory: bool = False  # small enough to read once and batch with numpy (in_memory.py)
     train_examples: int = 0  # the train split's size, for projections made without the data
     num_classes: int = 0  # likewise

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eb_jax.ticket.masks import prune_count
-from eb_jax.train import cross_entropy
+from eb_jax.train_steps import cross_entropy
 
 
 def is_kernel(path) -> bool:

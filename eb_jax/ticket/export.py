@@ -14,7 +14,7 @@ def save_ticket(
     """Writes the narrow `model`'s variables and widths to `path` (a new directory)."""
     checkpointer = Checkpointer(path, keep=1, async_save=False)
     try:
-        meta = {
+        record = {
             "model": model_name,
             "num_classes": num_classes,
             "input_shape": list(input_shape),
@@ -25,11 +25,11 @@ def save_ticket(
         # On the host: orbax cannot write a device-local array from several processes.
         train = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
         arrays = {"train": jax.device_get(train)}
-        checkpointer.save(0, arrays, meta)
+        checkpointer.save(0, arrays, record)
     finally:
         checkpointer.close()
 
 
 def load_ticket(path: str):
-    """(model, {'params', 'batch_stats'}, meta) of a saved ticket, from `path` alone."""
+    """(model, {'params', 'batch_stats'}, record) of a saved ticket, from `path` alone."""
     return load_model(path)

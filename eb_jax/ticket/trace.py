@@ -46,8 +46,9 @@ class ChannelTrace:
     leaves: dict  # variable path (collection first) -> atom array per axis
     bn_scales: dict  # BN path -> its scale's atoms
     scores: np.ndarray  # channel id -> the largest |BN scale| on it
-    projections: list  # (merged atoms, factor atom arrays)
     modules: dict  # module path -> the module as traced
+    projections: list = dataclasses.field(default_factory=list)  # flattened axes: (merged
+    # atoms, factor atom arrays)
     jaxpr: object = None  # the traced eval-mode apply
 
 
@@ -190,7 +191,7 @@ def _group(graph, leaves, bns, variables, modules) -> ChannelTrace:
         (np.arange(first, first + int(np.prod(p.sizes))), p.factors)
         for first, p in graph.projections.items()
     ]
-    return ChannelTrace(groups, channel_of, leaves, scales, scores, projections, modules)
+    return ChannelTrace(groups, channel_of, leaves, scales, scores, modules, projections)
 
 
 def _get(tree, path):

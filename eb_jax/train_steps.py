@@ -21,7 +21,11 @@ from eb_jax.models.layers import BN_MOMENTUM
 
 
 class TrainState(train_state.TrainState):
+    """flax's TrainState with the BN statistics, and the learning rate at each global
+    step (the optimizer's schedule), which the train step reports."""
+
     batch_stats: Any = None
+    learning_rate_fn: Any = flax.struct.field(pytree_node=False, default=None)
 
 
 def lr_schedule(base_lr: float, boundaries_epochs, decay: float, steps_per_epoch: int):
@@ -53,7 +57,7 @@ def stage_lr(config, steps_per_epoch: int, lr_origin: int = 0, stage: str = ""):
         schedule = lr_schedule(lr.learning_rate, lr.lr_boundaries, lr.lr_decay, steps_per_epoch)
     if not lr_origin:
         return schedule
-    return lambda step: schedule(step - lr_origin)
+    return lambda step: schedule(step - lr_origin)  # noqa: E731
 
 
 def _is_bn_scale(params, bn_paths=None):
@@ -91,25 +95,23 @@ def create_optimizer(
     start_step: int = 0,
     sparsity: float | None = None,
     precision: lowp.Precision = lowp.FP32,
-    lr_origin: int = 0,
-    stage: str = "",
+    learning_rate_fn=None,
     bn_paths=None,
 ) -> optax.GradientTransformation:
     """SGD with PyTorch semantics: g += s*sign(bn scale); g += wd*p; buf = m*buf + g.
     With config.optimizer 'adamw': g += s*sign(scale), then AdamW (`_adamw`).
 
-    A fresh optimizer for a stage that starts at global step `start_step`, its LR
-    schedule (`stage_lr` of `stage`) starting at step `lr_origin`.
+    A fresh optimizer for a stage that starts at global step `start_step`, at the
+    learning rate `learning_rate_fn(global step)` (default: `stage_lr` of the run).
     `sparsity`: s, default `config.sparsity` (0 where no ticket is drawn from the scales).
     `precision` 'bfp8': g quantised after the sparsity term, buf after each update.
     `bn_paths`: the BNs the sparsity acts on (a factory's network), default every 'scale'.
     """
     sparsity = config.sparsity if sparsity is None else sparsity
-    schedule = stage_lr(config, steps_per_epoch, stage=stage)
-    offset = start_step - lr_origin  # the optimizer counts its own updates from 0
-    if offset:
-        base = schedule
-        schedule = lambda count: base(count + offset)  # noqa: E731
+    learning_rate_fn = learning_rate_fn or stage_lr(config, steps_per_epoch)
+    schedule = learning_rate_fn
+    if start_step:  # the optimizer counts its own updates from 0
+        schedule = lambda count: learning_rate_fn(count + start_step)  # noqa: E731
     parts = []
     if sparsity:
         parts.append(add_bn_sparsity(sparsity, bn_paths))
@@ -177,19 +179,15 @@ def train_step(
     seed: int = 0,
     label_smoothing: float = 0.0,
 ):
-    """One optimizer step on `batch` ({'image', 'label'}); returns the new state and metrics.
+    """One optimizer step on `batch` ({'image', 'label'}); returns the new state and metrics
+    (with the step's `learning_rate` where the state carries its `learning_rate_fn`).
 
     `weight_mask` (a params-shaped tree of bools, or None): the masked-out weights get no
     gradient, so neither weight decay nor momentum moves them, and are set to exactly 0
     after the update. `precision` 'bfp8' (the model's too): activations and errors rounded
     with noise drawn from `seed`, the step and the device; the updated weights rounded too.
     """
-    rngs = {}
-    if precision.quantized and precision.bfp.stochastic:
-        key = lowp.stream_key(seed, lowp.ACTIVATIONS, state.step)
-        if axis_name is not None:  # each device rounds its own examples
-            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-        rngs["quant"] = key
+    rngs = _rounding_rngs(precision, seed, state.step, axis_name)
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
@@ -214,15 +212,33 @@ def train_step(
         state = state.replace(params=lowp.quantize_tree(state.params, fmt.weight_bits, key))
     if weight_mask is not None:
         state = state.replace(params=apply_weight_mask(state.params, weight_mask))
-    n = batch["label"].shape[0]
+    metrics = _train_metrics(loss, logits, batch["label"], axis_name)
+    if state.learning_rate_fn is not None:
+        metrics["learning_rate"] = state.learning_rate_fn(step)
+    return state, metrics
+
+
+def _rounding_rngs(precision: lowp.Precision, seed: int, step, axis_name) -> dict:
+    """The 'quant' key of a stochastically rounded (bfp8) step; {} otherwise."""
+    if not (precision.quantized and precision.bfp.stochastic):
+        return {}
+    key = lowp.stream_key(seed, lowp.ACTIVATIONS, step)
+    if axis_name is not None:  # each device rounds its own examples
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    return {"quant": key}
+
+
+def _train_metrics(loss, logits, labels, axis_name) -> dict:
+    """The step's summed loss, correct count and count (over the devices)."""
+    n = labels.shape[0]
     metrics = {
         "loss_sum": loss * n,
-        "correct": jnp.sum(jnp.argmax(logits, -1) == batch["label"]),
+        "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
         "count": jnp.asarray(n, jnp.int32),
     }
     if axis_name is not None:
         metrics = jax.lax.psum(metrics, axis_name)
-    return state, metrics
+    return metrics
 
 
 def apply_weight_mask(tree, weight_mask):

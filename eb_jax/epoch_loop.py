@@ -2,7 +2,7 @@
 
 A stage's settings are one frozen `StagePlan`; what the stages of a run share (config,
 data, checkpointer, metric writer, clock, ticket search, the record of finished stages)
-is one `RunContext`. `Trainer(run, plan, model, state)` builds nothing expensive;
+is one `RunContext`. `Trainer(ctx, plan, model, state)` builds nothing expensive;
 `compile()` compiles the steps ahead of time and `train_epoch(e)` trains.
 """
 
@@ -13,18 +13,17 @@ import functools
 import math
 import time
 
-import flax
 import jax
 import numpy as np
 
 from eb_jax import data as data_lib
-from eb_jax import energy, names, parallel, preemption, train
-from eb_jax.config import config_record
+from eb_jax import energy, names, parallel, preemption, run_state, train_steps
 from eb_jax.data import dali
 from eb_jax.energy import EnergyClock
 from eb_jax.lowp import Precision
-from eb_jax.models import bn_scales, model_widths
+from eb_jax.models import bn_scales
 from eb_jax.prune.sfp import soft_prune
+from eb_jax.run_state import host_sums
 from eb_jax.runlog import format_duration, logger
 
 
@@ -61,8 +60,8 @@ class Clock:
 
 @dataclasses.dataclass
 class RunContext:
-    """What every stage of one run shares; `record` (finished stages, the pruning step's
-    result) goes into every checkpoint's JSON."""
+    """What every stage of one run shares; `results` (the finished stages, the pruning
+    step's result) go into every checkpoint's JSON record."""
 
     config: object
     data: object
@@ -71,7 +70,7 @@ class RunContext:
     writer: object
     clock: Clock
     search: object = None
-    record: dict = dataclasses.field(default_factory=lambda: {"history": [], "pruned": None})
+    results: dict = dataclasses.field(default_factory=lambda: {"history": [], "pruned": None})
     energy: EnergyClock = dataclasses.field(default_factory=EnergyClock)
 
     @property
@@ -80,15 +79,15 @@ class RunContext:
 
 
 @dataclasses.dataclass
-class Resume:
-    """Mid-stage state from a checkpoint: the epoch's metric sums so far, the SWA average,
-    and the run's energy and wall time when the stage and the epoch began."""
+class EpochProgress:
+    """The epoch in flight, as its per-step and epoch-end actions see it."""
 
-    epoch_sums: dict | None = None
-    swa_params: object = None
-    swa_count: int = 0
-    marks: dict | None = None  # {'stage_j', 'stage_wall_s', 'epoch_j'}
-    device_batch_stats: object = None  # every device's own, from a preemption's checkpoint
+    epoch: int
+    first: int  # the epoch's step this process began at (0: its start)
+    entry_j: dict  # the run's energy reading then
+    started: float  # time.perf_counter() then
+    train_time: float = 0.0
+    stopping: bool = False  # a signal asked the run to stop
 
 
 class Trainer:
@@ -101,16 +100,16 @@ class Trainer:
 
     def __init__(
         self,
-        run: RunContext,
+        ctx: RunContext,
         plan: StagePlan,
         model,
         state,
         weight_mask=None,
-        resume: Resume | None = None,
+        resume: run_state.Resume | None = None,
     ):
         """`resume`: given when `state` comes from a checkpoint of this stage."""
-        resumed, resume = resume is not None, resume or Resume()
-        self.run, self.plan, self.model = run, plan, model
+        resumed, resume = resume is not None, resume or run_state.Resume()
+        self.ctx, self.plan, self.model = ctx, plan, model
         self.state = _replicate_state(state, resume.device_batch_stats)
         self.step = int(state.step)  # global step = the optimizer's update count; host copy
         # The weight mask (replicated) is the train step's third argument, when there is one.
@@ -120,22 +119,22 @@ class Trainer:
         self.last_saved = self.step if resumed else None  # its checkpoint exists
         self.start_step, self.last_metrics, self.compiling_s = self.step, {}, 0.0
         self.started = time.perf_counter()
-        self.lr = train.stage_lr(run.config, run.steps_per_epoch, plan.lr_origin, plan.name)
+        self.learning_rate = None  # the last step's, as the train step reports it
         self.marks = resume.marks or _stage_start_marks(self)
         step_fn = functools.partial(
-            train.train_step,
+            train_steps.train_step,
             precision=model.precision,
-            seed=run.config.seed,
-            label_smoothing=run.config.label_smoothing,
+            seed=ctx.config.seed,
+            label_smoothing=ctx.config.label_smoothing,
         )
         self.p_train = parallel.pmap_step(step_fn)
-        self.p_eval = parallel.pmap_step(train.eval_step, donate_state=False)
+        self.p_eval = parallel.pmap_step(train_steps.eval_step, donate_state=False)
         self.wait = parallel.must_wait_each_step()
 
     @property
     def epoch(self) -> int:
         """The epoch the next step belongs to."""
-        return self.step // self.run.steps_per_epoch
+        return self.step // self.ctx.steps_per_epoch
 
     def compile(self) -> None:
         """Compiles the train and eval steps ahead of time (not counted in the ETA); a
@@ -143,58 +142,42 @@ class Trainer:
         executable expects global shapes): its wall time counts that, its compile time not."""
         if jax.process_count() > 1:
             return
-        start, config, shape = time.perf_counter(), self.run.config, self.run.data.spec.image_shape
+        start, config, shape = time.perf_counter(), self.ctx.config, self.ctx.data.spec.image_shape
         train_batch = _batch_spec(config.batch_size, shape, False)
         eval_batch = _batch_spec(config.eval_batch_size, shape, True)
         self.p_train = self.p_train.lower(self.state, train_batch, *self.mask_args).compile()
         self.p_eval = self.p_eval.lower(self.state, eval_batch).compile()
         self.compiling_s = time.perf_counter() - start
-        self.run.clock.compile_s += self.compiling_s
+        self.ctx.clock.compile_s += self.compiling_s
 
     def bn_scales(self) -> list:
         """The BN scale vectors (first device's copy) in module order."""
         return bn_scales(self.model, jax.tree.map(lambda x: x[0], self.state.params))
 
     def train_epoch(self, epoch: int) -> dict:
-        """Trains the rest of `epoch` (all of it unless resumed mid-epoch), then evaluates."""
-        spe = self.run.steps_per_epoch
+        """Trains the rest of `epoch` (all of it unless resumed mid-epoch) with the
+        per-step actions after each step, then runs the epoch-end actions in order."""
+        spe = self.ctx.steps_per_epoch
         first = self.step - epoch * spe
         if not 0 <= first < spe:
             raise ValueError(f"at step {self.step}, epoch {epoch} is not the current one")
         entry_j = energy_now(self)  # then the clock: both measure the same stretch
-        epoch_start = time.perf_counter()
+        progress = EpochProgress(epoch, first, entry_j, time.perf_counter())
         if first == 0:
             self.sums, self.marks["epoch_j"] = None, entry_j
-        stopping = False
-        for batch in _loader(self.run, "train", epoch, first):
+        for batch in _loader(self.ctx, "train", epoch, first):
             self._step(batch)
-            stopping = preemption.stop_at(self.step)  # every process asks at every step
-            done = self.step - epoch * spe
-            if self.run.config.log_every_steps and done % self.run.config.log_every_steps == 0:
-                _log_progress(self, epoch, done, first, epoch_start)
-            every = self.run.config.checkpoint_every_steps
-            if every and self.step % every == 0 and done < spe:
-                self.save()
-            if stopping and done < spe:  # at the epoch's last step: after its end
-                self._stop()
-        train_time = time.perf_counter() - epoch_start
-        self._check_finite()
-        if self.plan.soft_prune_ratio:
-            self._soft_prune()
-        self.state = parallel.sync_batch_stats(self.state)
-        if self.plan.swa_start and epoch - self.plan.lr_origin // spe >= self.plan.swa_start:
-            self.swa.add(self.state.params)
-        metrics = self._epoch_metrics(epoch, first, train_time)
-        metrics.update(_epoch_energy(self, entry_j, epoch_start))
-        self.run.writer.write_scalars(self.step, metrics)
-        self.last_metrics = metrics
-        self.save()
-        if stopping or preemption.stop_now():
-            self._stop()
-        return metrics
+            for _, action in STEP_ACTIONS:
+                action(self, progress)
+        progress.train_time = time.perf_counter() - progress.started
+        for _, action in EPOCH_END_ACTIONS:
+            action(self, progress)
+        return self.last_metrics
 
     def _step(self, batch) -> None:
         self.state, metrics = self.p_train(self.state, parallel.shard(batch), *self.mask_args)
+        metrics = dict(metrics)
+        self.learning_rate = metrics.pop("learning_rate", None)
         if self.wait:
             jax.block_until_ready(metrics)
         self.sums = _accumulate(self.sums, metrics)
@@ -202,41 +185,16 @@ class Trainer:
         if self.wait:
             self._check_finite()
 
-    def _epoch_metrics(self, epoch: int, first: int, train_time: float) -> dict:
-        """Evaluates; writes and logs the epoch's metrics with the stage's ETA."""
-        spe, config = self.run.steps_per_epoch, self.run.config
-        test, trained = self.evaluate(), _rates(self.sums)
-        elapsed = time.perf_counter() - self.started - self.compiling_s
-        steps_left = self.plan.end_epoch * spe - self.step
-        eta = elapsed / max(self.step - self.start_step, 1) * steps_left
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": trained["loss"],
-            "train_accuracy": trained["accuracy"],
-            "test_loss": test["loss"],
-            "test_accuracy": test["accuracy"],
-            **({"test_top5_accuracy": test["top5_accuracy"]} if "top5_accuracy" in test else {}),
-            "images_per_sec": (spe - first) * config.batch_size / train_time,
-            "learning_rate": float(self.lr(self.step - 1)),  # the optimizer's last
-        }
-        _log_epoch(metrics, self.plan.end_epoch, eta)
-        return metrics
-
     def evaluate(self, state=None) -> dict:
         """Loss and accuracy over the whole eval split (of `state`, default the trained)."""
         state = self.state if state is None else state
         sums = None
-        for batch in _loader(self.run, "eval"):
+        for batch in _loader(self.ctx, "eval"):
             metrics = self.p_eval(state, parallel.shard(batch))
             if self.wait:
                 jax.block_until_ready(metrics)
             sums = _accumulate(sums, metrics)
         return _rates(sums)
-
-    def _soft_prune(self) -> None:
-        params = parallel.unreplicate(self.state.params)
-        pruned = soft_prune(self.model, params, self.plan.soft_prune_ratio)
-        self.state = self.state.replace(params=parallel.replicate(pruned))
 
     def save(self, as_is: bool = False) -> None:
         """Checkpoints the state and everything a resumed run needs (once per step).
@@ -245,17 +203,16 @@ class Trainer:
         their own BN statistics, saved alongside the average, so the resumed run goes on
         exactly as this one would have.
         """
-        if self.run.checkpointer is None or self.last_saved == self.step:
+        if self.ctx.checkpointer is None or self.last_saved == self.step:
             return
         self._check_finite()
         synced = parallel.sync_batch_stats(self.state)
-        arrays, meta = _checkpoint(self, synced)
-        if as_is and jax.tree.leaves(self.state.batch_stats):
-            arrays["device_batch_stats"] = parallel.device_copies(self.state.batch_stats)
-            meta["device_batch_stats"] = jax.device_count()
-        else:
+        reading = energy_now(self)
+        arrays, record = run_state.checkpoint(self, synced, reading, as_is)
+        if "device_batch_stats" not in arrays:
             self.state = synced
-        self.run.checkpointer.save(self.step, arrays, meta)
+        self.ctx.energy.checkpointed(self.step, reading, record["wall_time_s"])
+        self.ctx.checkpointer.save(self.step, arrays, record)
         self.last_saved = self.step
 
     def _stop(self) -> None:
@@ -264,13 +221,136 @@ class Trainer:
         raise preemption.Preempted(self.step, preemption.signal_number())
 
     def _check_finite(self) -> None:
-        if self.sums is not None and not math.isfinite(_host(self.sums)["loss_sum"]):
+        if self.sums is not None and not math.isfinite(host_sums(self.sums)["loss_sum"]):
             raise _diverged(self)
+
+
+def train_epochs(trainer: Trainer, before_epoch=None, stop=None) -> None:
+    """The epoch loop every stage runs: `before_epoch(epoch)` first (a search draws its
+    ticket there), then the stage ends at its plan's end_epoch or where `stop(epoch)`
+    says, else the epoch is trained."""
+    epoch = trainer.epoch
+    while True:
+        if before_epoch is not None:
+            before_epoch(epoch)
+        if epoch >= trainer.plan.end_epoch or (stop is not None and stop(epoch)):
+            return
+        trainer.train_epoch(epoch)
+        epoch += 1
+
+
+def _ask_to_stop(trainer: Trainer, progress: EpochProgress) -> None:
+    progress.stopping = preemption.stop_at(trainer.step)  # every process, every step
+
+
+def _log_progress_every(trainer: Trainer, progress: EpochProgress) -> None:
+    every, done = trainer.ctx.config.log_every_steps, _done(trainer, progress)
+    if every and done % every == 0:
+        _log_progress(trainer, progress.epoch, done, progress.first, progress.started)
+
+
+def _checkpoint_every(trainer: Trainer, progress: EpochProgress) -> None:
+    every, done = trainer.ctx.config.checkpoint_every_steps, _done(trainer, progress)
+    if every and trainer.step % every == 0 and done < trainer.ctx.steps_per_epoch:
+        trainer.save()
+
+
+def _stop_mid_epoch(trainer: Trainer, progress: EpochProgress) -> None:
+    if progress.stopping and _done(trainer, progress) < trainer.ctx.steps_per_epoch:
+        trainer._stop()  # at the epoch's last step: after its end
+
+
+def _done(trainer: Trainer, progress: EpochProgress) -> int:
+    return trainer.step - progress.epoch * trainer.ctx.steps_per_epoch
+
+
+# After every step, in order.
+STEP_ACTIONS = (
+    ("preemption", _ask_to_stop),
+    ("progress", _log_progress_every),
+    ("checkpoint", _checkpoint_every),
+    ("stop", _stop_mid_epoch),
+)
+
+
+def _check_loss(trainer: Trainer, progress: EpochProgress) -> None:
+    trainer._check_finite()
+
+
+def _soft_prune(trainer: Trainer, progress: EpochProgress) -> None:
+    if trainer.plan.soft_prune_ratio:  # SFP: zero the weakest filters
+        params = parallel.unreplicate(trainer.state.params)
+        pruned = soft_prune(trainer.model, params, trainer.plan.soft_prune_ratio)
+        trainer.state = trainer.state.replace(params=parallel.replicate(pruned))
+
+
+def _average_batch_stats(trainer: Trainer, progress: EpochProgress) -> None:
+    trainer.state = parallel.sync_batch_stats(trainer.state)
+
+
+def _average_weights(trainer: Trainer, progress: EpochProgress) -> None:
+    plan, spe = trainer.plan, trainer.ctx.steps_per_epoch
+    if plan.swa_start and progress.epoch - plan.lr_origin // spe >= plan.swa_start:
+        trainer.swa.add(trainer.state.params)
+
+
+def _evaluate(trainer: Trainer, progress: EpochProgress) -> None:
+    """Evaluates; logs the epoch's metrics with the stage's ETA."""
+    spe, config = trainer.ctx.steps_per_epoch, trainer.ctx.config
+    test, trained = trainer.evaluate(), _rates(trainer.sums)
+    elapsed = time.perf_counter() - trainer.started - trainer.compiling_s
+    steps_left = trainer.plan.end_epoch * spe - trainer.step
+    eta = elapsed / max(trainer.step - trainer.start_step, 1) * steps_left
+    metrics = {
+        "epoch": progress.epoch + 1,
+        "train_loss": trained["loss"],
+        "train_accuracy": trained["accuracy"],
+        "test_loss": test["loss"],
+        "test_accuracy": test["accuracy"],
+        **({"test_top5_accuracy": test["top5_accuracy"]} if "top5_accuracy" in test else {}),
+        "images_per_sec": (spe - progress.first) * config.batch_size / progress.train_time,
+    }
+    if trainer.learning_rate is not None:  # the last step's, as the state's schedule gave it
+        metrics["learning_rate"] = host_sums({"lr": trainer.learning_rate})["lr"]
+    _log_epoch(metrics, trainer.plan.end_epoch, eta)
+    trainer.last_metrics = metrics
+
+
+def _measure_energy(trainer: Trainer, progress: EpochProgress) -> None:
+    trainer.last_metrics.update(_epoch_energy(trainer, progress.entry_j, progress.started))
+
+
+def _write_metrics(trainer: Trainer, progress: EpochProgress) -> None:
+    trainer.ctx.writer.write_scalars(trainer.step, trainer.last_metrics)
+
+
+def _checkpoint(trainer: Trainer, progress: EpochProgress) -> None:
+    trainer.save()
+
+
+def _stop_if_asked(trainer: Trainer, progress: EpochProgress) -> None:
+    if progress.stopping or preemption.stop_now():
+        trainer._stop()
+
+
+# At every epoch's end, in order: the order is part of the trajectory (BN statistics are
+# averaged after SFP zeroes filters, SWA adds the averaged weights, and so on).
+EPOCH_END_ACTIONS = (
+    ("finite loss", _check_loss),
+    ("soft pruning", _soft_prune),
+    ("BN statistics averaged over the devices", _average_batch_stats),
+    ("weight averaging (SWA)", _average_weights),
+    ("evaluation", _evaluate),
+    ("energy", _measure_energy),
+    ("metrics written", _write_metrics),
+    ("checkpoint", _checkpoint),
+    ("stop if a signal asked", _stop_if_asked),
+)
 
 
 @functools.cache
 def _p_swa_update():
-    return jax.pmap(train.swa_update, in_axes=(0, 0, None))
+    return jax.pmap(train_steps.swa_update, in_axes=(0, 0, None))
 
 
 class WeightAverage:
@@ -292,9 +372,9 @@ def swa_result(trainer: Trainer) -> tuple[dict, dict]:
     """The weight average with BN statistics recomputed over one pass of the training
     data: (its eval metrics, its variables on the host)."""
     state = trainer.state.replace(params=trainer.swa.params)
-    p_stats = parallel.pmap_step(train.bn_statistics_step, donate_state=False)
+    p_stats = parallel.pmap_step(train_steps.bn_statistics_step, donate_state=False)
     sums, count = None, 0
-    for batch in _loader(trainer.run, "train", trainer.plan.end_epoch, 0):
+    for batch in _loader(trainer.ctx, "train", trainer.plan.end_epoch, 0):
         stats = p_stats(state, parallel.shard(batch))
         sums = stats if sums is None else jax.tree.map(jax.numpy.add, sums, stats)
         count += 1
@@ -319,47 +399,11 @@ def _replicate_state(state, device_batch_stats):
     return replicated.replace(batch_stats=parallel.own_copies(device_batch_stats))
 
 
-def _checkpoint(trainer: Trainer, state) -> tuple[dict, dict]:
-    """(arrays, JSON record) of a checkpoint: the (replicated) `state`, the search, the SWA
-    average and the weight mask; the model's widths, the stage, the position and the run's
-    record."""
-    run = trainer.run
-    arrays = {"train": flax.serialization.to_state_dict(parallel.unreplicate(state))}
-    meta = {
-        "model": run.config.model,
-        "num_classes": run.data.num_classes,
-        "input_shape": list(run.data.spec.image_shape),
-        "widths": model_widths(trainer.model),
-        "stage": trainer.plan.name,
-        "stage_start_step": trainer.plan.start_step,
-        "step": trainer.step,
-        "epoch": trainer.epoch,
-        "epoch_sums": _host(trainer.sums) if trainer.sums else None,
-        "config": config_record(run.config),
-        "wall_time_s": run.clock.wall_time(),
-        "compile_time_s": run.clock.compile_s,
-        "energy": {"reading": energy_now(trainer), "wasted": dict(run.energy.wasted)},
-        "energy_marks": trainer.marks,
-        **run.record,
-    }
-    run.energy.checkpointed(trainer.step, meta["energy"]["reading"], meta["wall_time_s"])
-    if run.search is not None:
-        arrays["search"], meta["search"] = run.search.state_dict()
-    if trainer.swa.count:
-        arrays["swa"], meta["swa_count"] = (
-            parallel.unreplicate(trainer.swa.params),
-            trainer.swa.count,
-        )
-    if trainer.mask_args:
-        arrays["weight_mask"] = parallel.unreplicate(trainer.mask_args[0])
-    return arrays, meta
-
-
 def _stage_start_marks(trainer: Trainer) -> dict:
     """The run's energy and wall time as a stage starts (its epoch's energy comes later)."""
     return {
         "stage_j": energy_now(trainer),
-        "stage_wall_s": trainer.run.clock.wall_time(),
+        "stage_wall_s": trainer.ctx.clock.wall_time(),
         "epoch_j": None,
     }
 
@@ -368,7 +412,7 @@ def energy_now(trainer: Trainer) -> dict:
     """The run's energy reading so far over all processes, once the devices are done
     (every process calls it at the same points, whatever its meter can read)."""
     jax.block_until_ready(trainer.state)
-    return trainer.run.energy.reading()
+    return trainer.ctx.energy.reading()
 
 
 def _epoch_energy(trainer: Trainer, entry: dict, entry_t: float) -> dict:
@@ -388,10 +432,10 @@ def _epoch_energy(trainer: Trainer, entry: dict, entry_t: float) -> dict:
 
 
 def _diverged(trainer: Trainer) -> TrainingDiverged:
-    saved = trainer.run.checkpointer.steps() if trainer.run.checkpointer else []
+    saved = trainer.ctx.checkpointer.steps() if trainer.ctx.checkpointer else []
     kept = f"the last good checkpoint (step {saved[-1]}) is kept" if saved else "no checkpoint"
     return TrainingDiverged(
-        f"the training loss became {_host(trainer.sums)['loss_sum']} by step {trainer.step} "
+        f"the training loss became {host_sums(trainer.sums)['loss_sum']} by step {trainer.step} "
         f"(epoch {trainer.epoch + 1}); {kept}; lower learning_rate or check the data"
     )
 
@@ -411,7 +455,7 @@ def _log_epoch(metrics: dict, end_epoch: int, eta: float) -> None:
 
 def _log_progress(trainer: Trainer, epoch: int, done: int, first: int, epoch_start: float):
     elapsed = time.perf_counter() - epoch_start
-    rates, spe = _rates(trainer.sums), trainer.run.steps_per_epoch
+    rates, spe = _rates(trainer.sums), trainer.ctx.steps_per_epoch
     logger.info(
         "epoch %3d  step %d/%d  loss %.4f  train %.2f%%  %.0f img/s  epoch ETA %s",
         epoch + 1,
@@ -419,23 +463,23 @@ def _log_progress(trainer: Trainer, epoch: int, done: int, first: int, epoch_sta
         spe,
         rates["loss"],
         100 * rates["accuracy"],
-        (done - first) * trainer.run.config.batch_size / elapsed,
+        (done - first) * trainer.ctx.config.batch_size / elapsed,
         format_duration(elapsed / (done - first) * (spe - done)),
     )
 
 
-def _loader(run: RunContext, split: str, epoch: int = 0, first: int = 0):
+def _loader(ctx: RunContext, split: str, epoch: int = 0, first: int = 0):
     """This process's batches: the training batches of `epoch` from step `first`, or the
     whole eval split."""
-    config = run.config
+    config = ctx.config
     where = (jax.process_index(), jax.process_count())
     workers = {"num_threads": config.num_data_threads, "num_workers": config.num_data_workers}
     source = dali if config.input_backend == names.DALI else data_lib
     if split == "train":
         return source.train_batches(
-            run.data, config.batch_size, config.seed, epoch, first, *where, **workers
+            ctx.data, config.batch_size, config.seed, epoch, first, *where, **workers
         )
-    return source.eval_batches(run.data, config.eval_batch_size, *where, **workers)
+    return source.eval_batches(ctx.data, config.eval_batch_size, *where, **workers)
 
 
 def _batch_spec(size: int, shape, with_mask: bool) -> dict:
@@ -461,12 +505,8 @@ def _accumulate(sums, device_metrics) -> dict:
     return {k: sums[k] + device_metrics[k] for k in sums}
 
 
-def _host(sums: dict) -> dict:
-    return {k: float(np.asarray(v).reshape(-1)[0]) for k, v in sums.items()}
-
-
 def _rates(sums: dict) -> dict:
-    sums = _host(sums)
+    sums = host_sums(sums)
     count = max(sums["count"], 1)
     rates = {"loss": sums["loss_sum"] / count, "accuracy": sums["correct"] / count}
     if "correct5" in sums:

@@ -1,40 +1,41 @@
-"""One step of a method at a time: a training stage (`train_stage`; a search draws a
-ticket before every epoch) or the pruning step (`prune`), which turns the trained network
-into the next one with its criterion. `pipeline.run` walks a method's steps with these.
+"""One phase of a method at a time: a training stage (`train_stage`: the epoch loop of
+eb_jax.epoch_loop; a search draws a ticket before every epoch) or the pruning phase
+(`prune`), which turns the trained network into the next one with its criterion
+(eb_jax.prune.criteria). `pipeline.run` walks a method's phases with these.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import functools
 import json
 import os
 
 import jax
 import numpy as np
 
-from eb_jax import cost, energy, methods, names, parallel, platform, report, train
+from eb_jax import cost, energy, methods, names, parallel, platform, report, train_steps
 from eb_jax import data as data_lib
 from eb_jax.checkpoint import load_model
 from eb_jax.config import ConfigError, stage_precision
+from eb_jax.epoch_loop import RunContext, StagePlan, Trainer, energy_now, train_epochs
 from eb_jax.methods import Prune, Stage
 from eb_jax.models import create_model
 from eb_jax.models.custom import Custom, is_custom
 from eb_jax.models.custom import check as check_custom
-from eb_jax.prune.sfp import hard_prune_masks
-from eb_jax.prune.thinet import thinet_prune
-from eb_jax.prune.weights import magnitude_mask, nonzero_fraction, snip_mask
+from eb_jax.prune import criteria
+from eb_jax.prune.weights import nonzero_fraction
+from eb_jax.run_state import Resume
 from eb_jax.runlog import logger
 from eb_jax.ticket import cut, mask_distance
 from eb_jax.ticket.export import save_ticket
 from eb_jax.ticket.search import TicketSearch
 from eb_jax.ticket.surgery import apply_cut, fold_constant_channels, plan_cut
-from eb_jax.trainer import Resume, RunContext, StagePlan, Trainer, energy_now
 
 
 @dataclasses.dataclass
 class Network:
-    """What one step of a method hands the next: a model with host `variables` to start
+    """What one phase of a method hands the next: a model with host `variables` to start
     a stage from at global step `step`, or the `trainer` that trained it, or a stage's
     checkpointed `state` (with `resume` and the step the stage started at); and its
     unstructured weight mask, if any."""
@@ -44,12 +45,12 @@ class Network:
     step: int = 0
     weight_mask: dict | None = None
     trainer: Trainer | None = None
-    state: train.TrainState | None = None
+    state: train_steps.TrainState | None = None
     resume: Resume | None = None
     stage_start: int | None = None
 
 
-def stage_plan(ctx: RunContext, steps, stage: Stage, start_step: int) -> StagePlan:
+def stage_plan(ctx: RunContext, phases, stage: Stage, start_step: int) -> StagePlan:
     """The settings of `stage` when it starts at global step `start_step`."""
     config, spe = ctx.config, ctx.steps_per_epoch
     fresh = stage.schedule == names.FRESH
@@ -58,30 +59,33 @@ def stage_plan(ctx: RunContext, steps, stage: Stage, start_step: int) -> StagePl
         start_step=start_step,
         end_epoch=start_step // spe + config.num_epochs if fresh else config.num_epochs,
         lr_origin=start_step if fresh else 0,
-        precision=stage_precision(config, methods.after_prune(steps, stage)),
+        precision=stage_precision(config, methods.after_prune(phases, stage)),
         sparsity=config.sparsity if stage.name in config.sparsity_stages else 0.0,
-        swa_start=config.swa_start_epoch if stage is methods.final_stage(steps) else 0,
+        swa_start=config.swa_start_epoch if stage is methods.final_stage(phases) else 0,
         soft_prune_ratio=config.prune_ratio if stage.name == names.SOFT else 0.0,
     )
 
 
-def fresh_state(ctx: RunContext, plan: StagePlan, model, variables) -> train.TrainState:
+def fresh_state(ctx: RunContext, plan: StagePlan, model, variables) -> train_steps.TrainState:
     """A TrainState at the stage's first step with the stage's own fresh optimizer."""
-    tx = train.create_optimizer(
+    learning_rate_fn = train_steps.stage_lr(
+        ctx.config, ctx.steps_per_epoch, plan.lr_origin, plan.name
+    )
+    tx = train_steps.create_optimizer(
         ctx.config,
         ctx.steps_per_epoch,
         plan.start_step,
         plan.sparsity,
         plan.precision,
-        plan.lr_origin,
-        plan.name,
+        learning_rate_fn,
         model.bn_paths() if isinstance(model, Custom) else None,  # not a LayerNorm's scale
     )
-    state = train.TrainState.create(
+    state = train_steps.TrainState.create(
         apply_fn=data_lib.normalizing(model.apply, ctx.data.spec),
         params=variables["params"],
         batch_stats=variables.get("batch_stats", {}),
         tx=tx,
+        learning_rate_fn=learning_rate_fn,
     )
     return state.replace(step=plan.start_step)
 
@@ -95,14 +99,14 @@ _DOING = {
 }
 
 
-def train_stage(ctx: RunContext, steps, stage: Stage, net: Network) -> Network:
+def train_stage(ctx: RunContext, phases, stage: Stage, net: Network) -> Network:
     """Trains `stage` to its end (a search: until its ticket is drawn)."""
     start = net.step if net.stage_start is None else net.stage_start
-    plan = stage_plan(ctx, steps, stage, start)
+    plan = stage_plan(ctx, phases, stage, start)
     model = net.model.clone(precision=plan.precision)
     state = net.state if net.state is not None else fresh_state(ctx, plan, model, net.variables)
     trainer = Trainer(ctx, plan, model, state, net.weight_mask, net.resume)
-    pruned = ctx.record["pruned"] if methods.after_prune(steps, stage) else None
+    pruned = ctx.results["pruned"] if methods.after_prune(phases, stage) else None
     logger.info(
         "%s%s from epoch %d to %d: %s on %s, %d train / %d test images, %d steps/epoch, %s, "
         "workdir %s",
@@ -120,13 +124,14 @@ def train_stage(ctx: RunContext, steps, stage: Stage, net: Network) -> Network:
     )
     trainer.compile()
     if stage.name == names.SEARCH:
-        _search(ctx, trainer, stage)
+        draw = TicketDraw(ctx, trainer, stage)
+        train_epochs(trainer, draw.before_epoch, draw.stop)
+        draw.take()
     else:
-        for epoch in range(trainer.epoch, plan.end_epoch):
-            trainer.train_epoch(epoch)
+        train_epochs(trainer)
     epochs = trainer.epoch - plan.start_step // ctx.steps_per_epoch
     entry = _stage_entry(ctx, plan, model, epochs, net.weight_mask)
-    ctx.record["history"].append({**entry, **_stage_energy(ctx, trainer)})
+    ctx.results["history"].append({**entry, **_stage_energy(ctx, trainer)})
     return Network(model, step=trainer.step, weight_mask=net.weight_mask, trainer=trainer)
 
 
@@ -165,42 +170,51 @@ def _stage_energy(ctx: RunContext, trainer: Trainer) -> dict:
     return entry
 
 
-def _search(ctx: RunContext, trainer: Trainer, stage: Stage) -> None:
-    """Dense training with masks drawn before every epoch until the ticket is drawn: when
-    it emerges or after `ticket_epoch` epochs ('ticket'), or after all epochs."""
-    config, search = ctx.config, ctx.search
-    fixed = config.num_epochs if stage.until == "schedule" else config.ticket_epoch
-    epoch = trainer.epoch
-    while True:
+class TicketDraw:
+    """A search's per-epoch action: before every epoch the BN-scale masks are recorded
+    and the detectors updated; the search stops once the ticket is drawn (when it
+    emerges, or after `ticket_epoch` epochs for 'ticket'; after all epochs for
+    'schedule'), or trains on where config.keep_searching says."""
+
+    def __init__(self, ctx: RunContext, trainer: Trainer, stage: Stage):
+        self.ctx, self.trainer, self.done = ctx, trainer, False
+        config = ctx.config
+        self.fixed = config.num_epochs if stage.until == "schedule" else config.ticket_epoch
+
+    def before_epoch(self, epoch: int) -> None:
+        search = self.ctx.search
         if epoch not in search.epochs:
-            result = search.observe(epoch, trainer.bn_scales())
-            _log_search(ctx, search, epoch, result)
-        done = epoch == fixed if fixed else search.ticket is not None
-        parallel.check_same_on_all_processes(np.array([epoch, done]), "the search's state")
-        if epoch == config.num_epochs or (done and not config.keep_searching):
-            break
-        trainer.train_epoch(epoch)
-        epoch += 1
-    if fixed:
-        ticket = search.take_mask(fixed)
-        logger.info("drew the p=%g ticket after %d epochs", config.prune_ratio, ticket.epoch)
-    elif search.ticket is None:
-        ticket = search.take_mask()
+            result = search.observe(epoch, self.trainer.bn_scales())
+            _log_search(self.ctx, search, epoch, result)
+        self.done = epoch == self.fixed if self.fixed else search.ticket is not None
+        parallel.check_same_on_all_processes(np.array([epoch, self.done]), "the search's state")
+
+    def stop(self, epoch: int) -> bool:
+        return self.done and not self.ctx.config.keep_searching
+
+    def take(self) -> None:
+        """Takes the ticket (the mask of its epoch), logs the distances, saves the search."""
+        ctx, search, config = self.ctx, self.ctx.search, self.ctx.config
+        if self.fixed:
+            ticket = search.take_mask(self.fixed)
+            logger.info("drew the p=%g ticket after %d epochs", config.prune_ratio, ticket.epoch)
+        elif search.ticket is None:
+            ticket = search.take_mask()
+            logger.info(
+                "no early-bird ticket for p=%g within %d epochs: taking the mask after epoch %d",
+                config.prune_ratio,
+                config.num_epochs,
+                ticket.epoch,
+            )
+        history = search.consecutive_distances(config.prune_ratio)
         logger.info(
-            "no early-bird ticket for p=%g within %d epochs: taking the mask after epoch %d",
+            "p=%g mask distance to the previous epoch: %s",
             config.prune_ratio,
-            config.num_epochs,
-            ticket.epoch,
+            " ".join(f"{d:.3f}" for d in history),
         )
-    history = search.consecutive_distances(config.prune_ratio)
-    logger.info(
-        "p=%g mask distance to the previous epoch: %s",
-        config.prune_ratio,
-        " ".join(f"{d:.3f}" for d in history),
-    )
-    if jax.process_index() == 0:
-        search.save(ctx.workdir)
-        report.plot_mask_distances(search, os.path.join(ctx.workdir, "mask_distance.png"))
+        if jax.process_index() == 0:
+            search.save(ctx.workdir)
+            report.plot_mask_distances(search, os.path.join(ctx.workdir, "mask_distance.png"))
 
 
 def _log_search(ctx: RunContext, search: TicketSearch, epoch: int, result: dict) -> None:
@@ -222,84 +236,74 @@ def _log_search(ctx: RunContext, search: TicketSearch, epoch: int, result: dict)
         ctx.writer.write_scalars(epoch * ctx.steps_per_epoch, scalars)
 
 
-def prune(ctx: RunContext, steps, step: Prune, net: Network) -> Network:
+def prune(ctx: RunContext, phases, prune_phase: Prune, net: Network) -> Network:
     """The pruning step: the criterion's masks, then the cut (channels) or the weight
-    mask (weights); the pruned network's weights start as `step.start` says."""
+    mask (weights); the pruned network's weights start as `prune_phase.start` says."""
     config, shape = ctx.config, ctx.data.spec.image_shape
     model, variables = net.model, net.variables
     if net.trainer is not None:
         model, trained = net.trainer.model, parallel.unreplicate(net.trainer.state)
         variables = {"params": trained.params, "batch_stats": trained.batch_stats}
-    masks, variables = _criterion(ctx, step.criterion, model, variables)
-    source = load_init(ctx.workdir) if step.start == names.REWIND else variables
+    masks, variables = _criterion(ctx, prune_phase, model, variables)
+    source = load_init(ctx.workdir) if prune_phase.start == names.REWIND else variables
     weight_mask, soft = None, None
-    if step.criterion == methods.SFP:  # the original's accuracy: zeroed, offsets live
+    if criteria.REGISTRY[prune_phase.criterion].zeroes_filters:  # as trained: zeroed, offsets live
         soft = _soft_pruned_result(net.trainer)
-    if step.criterion in methods.CHANNEL_CRITERIA:
+    if criteria.cuts_channels(prune_phase.criterion):
         narrow, pruned = _cut(config, model, masks, source, fold=soft)
-        if step.start == names.REINIT:
-            pruned = train.init_variables(narrow, jax.random.key(config.seed + 1), shape)
+        if prune_phase.start == names.REINIT:
+            pruned = train_steps.init_variables(narrow, jax.random.key(config.seed + 1), shape)
     else:
         weight_mask, narrow = masks, model
         pruned = {
             **source,
             "params": jax.tree.map(
-                np.asarray, train.apply_weight_mask(source["params"], weight_mask)
+                np.asarray, train_steps.apply_weight_mask(source["params"], weight_mask)
             ),
         }
-    ctx.record["pruned"] = {
-        "criterion": step.criterion,
+    ctx.results["pruned"] = {
+        "criterion": prune_phase.criterion,
         "epoch": net.step // ctx.steps_per_epoch,
         "granularity": names.WEIGHTS if weight_mask is not None else names.CHANNELS,
-        "start": step.start,
+        "start": prune_phase.start,
     }
     if soft is not None:
-        ctx.record["pruned"]["soft"] = soft
-    _log_prune(ctx, step, variables, pruned, weight_mask)
+        ctx.results["pruned"]["soft"] = soft
+    _log_prune(ctx, prune_phase, variables, pruned, weight_mask)
     after = Network(narrow, pruned, net.step, weight_mask)
-    if methods.final_stage(steps) is None:  # the method ends with this cut: evaluate it
+    if methods.final_stage(phases) is None:  # the method ends with this cut: evaluate it
         after.trainer = _evaluator(ctx, after)
     return after
 
 
-def _criterion(ctx: RunContext, criterion: str, model, variables: dict):
+def _criterion(ctx: RunContext, prune_phase: Prune, model, variables: dict):
     """(channel masks per BN or a weight mask, the variables the cut starts from)."""
-    config = ctx.config
-    if criterion == methods.TICKET:
-        masks = ctx.search.ticket.masks
-    elif criterion == methods.THINET:
-        images = next(iter(_sample_batches(ctx, config.thinet_images)))["image"]
-        masks, variables = thinet_prune(
-            model, variables, images, config.prune_ratio, config.thinet_locations, config.seed
-        )
-    elif criterion == methods.SFP:
-        masks = hard_prune_masks(model, variables["params"], config.prune_ratio)
-    elif criterion == methods.SNIP:
-        batches = itertools.islice(_sample_batches(ctx, config.batch_size), config.snip_batches)
-        masks = snip_mask(model, variables, batches, config.prune_ratio)
-    else:
-        masks = magnitude_mask(variables["params"], config.prune_ratio)
+    ticket = ctx.search.ticket.masks if ctx.search is not None and ctx.search.ticket else None
+    inputs = criteria.Inputs(ctx.config, ticket, functools.partial(_sample_batches, ctx))
+    masks, variables = criteria.REGISTRY[prune_phase.criterion].select(
+        model, variables, prune_phase.ratio, inputs
+    )
     flat = np.concatenate([np.asarray(m, np.uint8).ravel() for m in jax.tree.leaves(masks)])
-    parallel.check_same_on_all_processes(flat, f"the {criterion} masks")
+    parallel.check_same_on_all_processes(flat, f"the {prune_phase.criterion} masks")
     return masks, variables
 
 
-def check_options(config, steps, data) -> None:
+def check_options(config, phases, data) -> None:
     """ConfigError for a method option the dataset cannot meet, before any training."""
     if data_lib.input_pipeline.steps_per_epoch(data, config.batch_size) == 0:
         raise ConfigError(
             f"batch_size={config.batch_size} exceeds the {len(data.train)} training examples"
         )
-    prune = methods.prune_step(steps)
+    prune = methods.prune_phase(phases)
     criterion = prune.criterion if prune is not None else None
-    if criterion == methods.THINET and config.thinet_images > len(data.train):
+    if criterion == criteria.THINET and config.thinet_images > len(data.train):
         raise ConfigError(
             f"thinet_images={config.thinet_images} exceeds the {len(data.train)} training "
             f"examples of {config.dataset}; set --config.thinet_images={len(data.train)} "
             "or fewer"
         )
     spe = len(data.train) // config.batch_size
-    if criterion == methods.SNIP and config.snip_batches > spe:
+    if criterion == criteria.SNIP and config.snip_batches > spe:
         raise ConfigError(
             f"snip_batches={config.snip_batches} exceeds the {spe} batches of "
             f"{config.batch_size} in {config.dataset}'s training set; set at most {spe}"
@@ -383,17 +387,17 @@ def _cut_traced(config, model: Custom, masks, variables):
 
 
 def _log_prune(ctx, prune: Prune, before: dict, after: dict, weight_mask) -> None:
-    what = "ticket" if prune.criterion == methods.TICKET else f"{prune.criterion} pruning"
-    epoch = ctx.record["pruned"]["epoch"]
+    what = "ticket" if prune.criterion == criteria.TICKET else f"{prune.criterion} pruning"
+    epoch = ctx.results["pruned"]["epoch"]
     if weight_mask is not None:
         kept = f"{100 * nonzero_fraction(weight_mask):.1f}% of the conv/linear weights kept"
-        logger.info("masked the p=%g %s of epoch %d: %s", ctx.config.prune_ratio, what, epoch, kept)
+        logger.info("masked the p=%g %s of epoch %d: %s", prune.ratio, what, epoch, kept)
     else:
         n_before = sum(np.size(x) for x in jax.tree.leaves(before["params"]))
         n_after = sum(np.size(x) for x in jax.tree.leaves(after["params"]))
         logger.info(
             "cut the p=%g %s of epoch %d: %d -> %d parameters (%.2fx smaller)",
-            ctx.config.prune_ratio,
+            prune.ratio,
             what,
             epoch,
             n_before,
