@@ -42,8 +42,11 @@ def _free_port() -> int:
 
 
 def _spawn(args, device_flags: str):
-    """A Python process with its own forced CPU devices, its output collected."""
-    env = dict(os.environ, XLA_FLAGS=device_flags)
+    """A Python process with its own forced CPU devices (the session's other XLA flags
+    kept: the same compilation as the reference run), its output collected."""
+    own = ("--xla_force_host_platform_device_count", "--xla_cpu_collective_call_terminate")
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(own)]
+    env = dict(os.environ, XLA_FLAGS=" ".join([*kept, device_flags]))
     return subprocess.Popen(
         [sys.executable, *args],
         cwd=ROOT,
