@@ -14,13 +14,13 @@ EPOCHS = {
     "mask_distance": 8,
     "surgery": 2,
     "reproduce_paper": 4,
-    "bring_your_own_model": 4,
+    "bring_your_own_model": 3,
     "vit_early_bird": 8,
 }
 # Extra parameters for the test's shorter runs: the grid notebook on the tiny VGG, one ratio.
 EXTRA = {
     "reproduce_paper": '\nMODEL = "vgg_tiny"\nFIG1_RATIOS = (0.5,)',
-    "bring_your_own_model": "\nTICKET_EPOCH = 2",  # drawn early enough to retrain
+    "bring_your_own_model": "\nTICKET_EPOCH = 1",  # drawn early enough to retrain
 }
 
 
