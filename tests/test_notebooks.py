@@ -15,7 +15,7 @@ EPOCHS = {
     "surgery": 2,
     "reproduce_paper": 4,
     "bring_your_own_model": 3,
-    "vit_early_bird": 8,
+    "vit_early_bird": 4,
 }
 # Extra parameters for the test's shorter runs: the grid notebook on the tiny VGG, one ratio.
 EXTRA = {
