@@ -17,6 +17,7 @@ from eb_jax import lowp, methods, names
 from eb_jax.checkpoint import CheckpointError, jsonable
 from eb_jax.data import DATASETS, DataError, dali
 from eb_jax.models import MODELS, ViT, custom
+from eb_jax.runlog import write_json
 from eb_jax.ticket import EarlyBirdDetector
 
 
@@ -222,10 +223,7 @@ def check_resumable(config, record: dict, workdir: str) -> None:
 
 def write_config(config, workdir: str) -> None:
     """WORKDIR/config.json: the run's whole resolved config (written as the run starts)."""
-    path = os.path.join(workdir, "config.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(jsonable(config.to_dict()), f, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    write_json(os.path.join(workdir, "config.json"), jsonable(config.to_dict()), indent=1)
 
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

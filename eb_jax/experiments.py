@@ -251,12 +251,12 @@ def projected_pflops(config) -> tuple[float, float]:
     bounds = []
     for width, ticket in zip(widths, tickets, strict=True):
         total, cut = 0.0, False
-        for step in phases:
-            if isinstance(step, methods.Prune):
-                cut = criteria.cuts_channels(step.criterion)
+        for phase in phases:
+            if isinstance(phase, methods.Prune):
+                cut = criteria.cuts_channels(phase.criterion)
                 continue
-            epochs = ticket if step.until == "ticket" and not config.keep_searching else n
-            if step.schedule == names.CONTINUE and cut:
+            epochs = ticket if phase.until == "ticket" and not config.keep_searching else n
+            if phase.schedule == names.CONTINUE and cut:
                 epochs = n - ticket if config.method == names.EB else n
             total += cost.training_flops(width if cut else dense, images, epochs)
         bounds.append(total / 1e15)
