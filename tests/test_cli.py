@@ -62,52 +62,68 @@ def test_quickstart_runs_eb_train_end_to_end(tmp_path, data_dir):
     assert (workdir / "cost.png").stat().st_size > 5_000
 
 
+BAD_INPUT = [
+    (["--config.foo=1"], "the config has no field 'foo'"),
+    (["--config.batch_size=abc"], "--config.batch_size=abc"),
+    (["--config", "configs/missing.py"], "cannot load the config file"),
+    (["--config.batch_size=63"], "batch_size=63 must be a positive multiple of the 2 devices"),
+    (["--config.model=vgg99"], "unknown model 'vgg99'"),
+    (["--config.dataset=mnist"], "unknown dataset 'mnist'"),
+    (["--config", "configs/vgg16_cifar10.py"], "not prepared as array_record"),
+    (["--bogus"], "Unknown command line flag 'bogus'"),
+    (["--config.prune_ratio=1.0"], "prune ratio 1.0 must be in [0, 1)"),
+    (["--config.monitor_ratios=(0.3,-0.1)"], "prune ratio -0.1 must be in [0, 1)"),
+    (["--config.eb_window=1"], "early-bird window must be >= 2"),
+    (["--config.method=magic"], "method='magic' must be one of"),
+    (["--config.retrain=later"], "retrain='later' must be one of"),
+    (["--config.min_channels=0"], "min_channels must be >= 1 and round_to >= 0"),
+    (["--config.checkpoints_to_keep=0"], "checkpoints_to_keep must be >= 1"),
+    (["--config.ticket_epoch=50"], "ticket_epoch=50 must be in [0, num_epochs=20]"),
+    (["--config.method=ns", "--config.keep_searching=True"], "keep_searching applies to"),
+    (["--config.precision.search=int4"], "precision.search='int4' must be one of"),
+    (
+        [
+            "--config.distributed.coordinator_address=127.0.0.1:1",
+            "--config.distributed.process_id=3",
+            "--config.distributed.num_processes=2",
+        ],
+        "process_id=3 must be in [0, num_processes=2)",
+    ),
+    (["stray"], "unexpected arguments: stray"),
+    (["--config.input_backend=nvjpeg"], "input_backend='nvjpeg' must be one of"),
+    (["--config.input_backend=dali"], "decodes JPEG datasets (imagenet2012, imagenet_like)"),
+    (
+        ["--config.dataset=imagenet_like", "--config.input_backend=dali"],
+        "use input_backend='grain'",  # no DALI, or no GPU (tests/test_dali.py)
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(tmp_path_factory, data_dir):
+    """Every BAD_INPUT case run as its own command line (forked from one process start:
+    tests/cli_batch.py), case index -> returncode, stdout, stderr."""
+    outdir = tmp_path_factory.mktemp("bad_input")
+    cases = [
+        ["--workdir", str(outdir / f"w{i}"), *args, f"--config.data_dir={data_dir}"]
+        for i, (args, _) in enumerate(BAD_INPUT)
+    ]
+    (outdir / "cases.json").write_text(json.dumps(cases))
+    cmd = [sys.executable, "-m", "tests.cli_batch", str(outdir / "cases.json"), str(outdir)]
+    subprocess.run(cmd, cwd=ROOT, check=True, timeout=600)
+    return json.loads((outdir / "results.json").read_text())
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["--config.foo=1"], "the config has no field 'foo'"),
-        (["--config.batch_size=abc"], "--config.batch_size=abc"),
-        (["--config", "configs/missing.py"], "cannot load the config file"),
-        (["--config.batch_size=63"], "batch_size=63 must be a positive multiple of the 2 devices"),
-        (["--config.model=vgg99"], "unknown model 'vgg99'"),
-        (["--config.dataset=mnist"], "unknown dataset 'mnist'"),
-        (["--config", "configs/vgg16_cifar10.py"], "not prepared as array_record"),
-        (["--bogus"], "Unknown command line flag 'bogus'"),
-        (["--config.prune_ratio=1.0"], "prune ratio 1.0 must be in [0, 1)"),
-        (["--config.monitor_ratios=(0.3,-0.1)"], "prune ratio -0.1 must be in [0, 1)"),
-        (["--config.eb_window=1"], "early-bird window must be >= 2"),
-        (["--config.method=magic"], "method='magic' must be one of"),
-        (["--config.retrain=later"], "retrain='later' must be one of"),
-        (["--config.min_channels=0"], "min_channels must be >= 1 and round_to >= 0"),
-        (["--config.checkpoints_to_keep=0"], "checkpoints_to_keep must be >= 1"),
-        (["--config.ticket_epoch=50"], "ticket_epoch=50 must be in [0, num_epochs=20]"),
-        (["--config.method=ns", "--config.keep_searching=True"], "keep_searching applies to"),
-        (["--config.precision.search=int4"], "precision.search='int4' must be one of"),
-        (
-            [
-                "--config.distributed.coordinator_address=127.0.0.1:1",
-                "--config.distributed.process_id=3",
-                "--config.distributed.num_processes=2",
-            ],
-            "process_id=3 must be in [0, num_processes=2)",
-        ),
-        (["stray"], "unexpected arguments: stray"),
-        (["--config.input_backend=nvjpeg"], "input_backend='nvjpeg' must be one of"),
-        (["--config.input_backend=dali"], "decodes JPEG datasets (imagenet2012, imagenet_like)"),
-        (
-            ["--config.dataset=imagenet_like", "--config.input_backend=dali"],
-            "use input_backend='grain'",  # no DALI, or no GPU (tests/test_dali.py)
-        ),
-    ],
-)
-def test_bad_input_is_a_one_line_error(args, message, tmp_path, data_dir):
-    result = _main("--workdir", str(tmp_path / "w"), *args, data_dir=data_dir, timeout=120)
-    assert result.returncode == 2
-    errors = result.stderr.strip().splitlines()
-    assert len(errors) == 1 and errors[0].startswith("eb_jax: error: "), result.stderr[-2000:]
+@pytest.mark.parametrize("case", range(len(BAD_INPUT)), ids=[m for _, m in BAD_INPUT])
+def test_bad_input_is_a_one_line_error(case, bad_input_results):
+    message = BAD_INPUT[case][1]
+    result = bad_input_results[case]
+    assert result["returncode"] == 2
+    errors = result["stderr"].strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("eb_jax: error: "), result["stderr"][-2000:]
     assert message in errors[0]
-    assert "Traceback" not in result.stdout + result.stderr
+    assert "Traceback" not in result["stdout"] + result["stderr"]
 
 
 @pytest.mark.slow
