@@ -142,6 +142,7 @@ def _runtime_fields(c: ml_collections.ConfigDict) -> None:
     c.cpu_xla_flags = True  # XLA's Eigen convolution on CPU (eb_jax.platform)
     c.reuse_host_memory = True  # glibc keeps freed host memory for the next step (platform)
     c.log_every_steps = 100  # progress lines within an epoch
+    c.write_plots = True  # each run's PNGs: mask_distance.png and cost.png
     c.checkpoint_every_steps = 1000  # plus one at every epoch end; 0: epoch ends only
     c.checkpoints_to_keep = 3
     c.energy_sample_seconds = 5.0  # energy counters read this often (RAPL wraps; README)
@@ -179,8 +180,8 @@ TRAJECTORY_FIELDS = (
 GROWABLE_FIELDS = ("num_epochs",)
 FREE_FIELDS = (
     "data_dir", "eval_batch_size", "grid_ratios", "grid_ticket_epochs", "distributed",
-    "reuse_host_memory", "log_every_steps", "checkpoints_to_keep", "energy_sample_seconds",
-    "async_checkpoints", "num_data_threads", "num_data_workers",
+    "reuse_host_memory", "log_every_steps", "write_plots", "checkpoints_to_keep",
+    "energy_sample_seconds", "async_checkpoints", "num_data_threads", "num_data_workers",
 )  # fmt: skip
 
 

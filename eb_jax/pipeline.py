@@ -116,7 +116,7 @@ def _report(ctx: RunContext, phases, net: stage_runner.Network) -> dict:
     if end.nonzero_macs is not None:
         record["forward_macs"]["final_nonzero"] = end.nonzero_macs
     if jax.process_index() == 0:
-        report.write_report(ctx.workdir, record)
+        report.write_report(ctx.workdir, record, plot=config.write_plots)
     logger.info("\n%s", report.format_table([record]))
     return record
 

@@ -66,10 +66,11 @@ _COLUMNS = (
 _DRAWN_BY = {"ticket_epoch": " fixed", "no emergence": " none", "full search": " final"}
 
 
-def write_report(workdir: str, record: dict) -> None:
-    """WORKDIR/report.json and WORKDIR/cost.png."""
+def write_report(workdir: str, record: dict, plot: bool = True) -> None:
+    """WORKDIR/report.json and (`plot`) WORKDIR/cost.png."""
     write_json(os.path.join(workdir, REPORT_FILE), record, indent=1)
-    plot_costs([record], os.path.join(workdir, "cost.png"))
+    if plot:
+        plot_costs([record], os.path.join(workdir, "cost.png"))
 
 
 def read_reports(workdirs) -> list[dict]:

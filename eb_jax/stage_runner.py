@@ -214,7 +214,8 @@ class TicketDraw:
         )
         if jax.process_index() == 0:
             search.save(ctx.workdir)
-            report.plot_mask_distances(search, os.path.join(ctx.workdir, "mask_distance.png"))
+            if config.write_plots:
+                report.plot_mask_distances(search, os.path.join(ctx.workdir, "mask_distance.png"))
 
 
 def _log_search(ctx: RunContext, search: TicketSearch, epoch: int, result: dict) -> None:

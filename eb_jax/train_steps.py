@@ -27,6 +27,13 @@ class TrainState(train_state.TrainState):
     batch_stats: Any = None
     learning_rate_fn: Any = flax.struct.field(pytree_node=False, default=None)
 
+    @classmethod
+    def create(cls, *, apply_fn, params, tx, **kwargs):
+        """flax's, with the optimizer state built by one compiled call: run eagerly,
+        `tx.init` compiles a small program per parameter shape."""
+        opt_state = jax.jit(tx.init)(params)
+        return cls(step=0, apply_fn=apply_fn, params=params, tx=tx, opt_state=opt_state, **kwargs)
+
 
 def lr_schedule(base_lr: float, boundaries_epochs, decay: float, steps_per_epoch: int):
     """Piecewise-constant LR: `base_lr`, times `decay` at the start of each boundary epoch."""

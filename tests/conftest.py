@@ -49,7 +49,8 @@ def data_dir(tmp_path_factory):
 
 
 def tiny_config(data_dir, **overrides):
-    """The tests' run: the tiny VGG on the digits, a few epochs of 11 steps, quiet."""
+    """The tests' run: the tiny VGG on the digits, a few epochs of 11 steps, quiet, no
+    PNGs (a third of such a run's time; the tests of the plots turn them on)."""
     from eb_jax.config import default_config
 
     config = default_config()
@@ -60,6 +61,7 @@ def tiny_config(data_dir, **overrides):
         batch_size=128,
         eval_batch_size=120,
         log_every_steps=0,
+        write_plots=False,
     )
     config.update(overrides)
     return config

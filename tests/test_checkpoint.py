@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cli(workdir, data_dir, *flags):
-    """The `python -m eb_jax.main` command on the test digits with `flags`."""
+    """The `python -m eb_jax.main` command on the test digits with `flags`, no PNGs."""
     return [
         sys.executable,
         "-m",
@@ -33,6 +33,7 @@ def _cli(workdir, data_dir, *flags):
         "--workdir",
         str(workdir),
         f"--config.data_dir={data_dir}",
+        "--config.write_plots=False",
         *flags,
     ]
 

@@ -142,6 +142,7 @@ def test_order_is_fixed_by_seed_and_epoch_and_resumes_mid_epoch(make):
     assert sorted(sum(first, [])) != sum(first, [])  # shuffled
 
 
+@pytest.mark.slow  # worker processes
 def test_worker_processes_give_the_same_batches_as_threads():
     data = _per_example_data()
     threads = list(train_batches(data, 8, 0, 1, start_step=2))

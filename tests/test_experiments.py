@@ -209,6 +209,7 @@ def test_a_grid_reuses_a_finished_run_only_of_the_same_config(tmp_path, monkeypa
         experiments.run_grid("table2", config, str(tmp_path), (0.5,))
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_bad_experiment_name_is_a_one_line_error():
     cmd = [sys.executable, "-m", "eb_jax.experiments", "table9", "--dry-run"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -217,7 +218,7 @@ def test_a_bad_experiment_name_is_a_one_line_error():
 
 
 def _tiny(data_dir, **overrides):
-    overrides = {"grid_ticket_epochs": (1,), **overrides}
+    overrides = {"grid_ticket_epochs": (1,), "write_plots": False, **overrides}
     return load_config(
         "quickstart",
         model="vgg_tiny",

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Imports every eb_jax module, then prints whether XLA_FLAGS changed and whether JAX
@@ -19,6 +21,7 @@ print(os.environ.get("XLA_FLAGS", "") == before, xla_bridge.backends_are_initial
 """
 
 
+@pytest.mark.slow  # a subprocess
 def test_importing_eb_jax_changes_no_process_state():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = ROOT

@@ -33,10 +33,13 @@ DENSE_FLOPS = forward_cost(create_model("vgg_tiny", 10), (8, 8, 1)).flops
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir):
-    """One uninterrupted run per method, shared by the tests below."""
+    """One uninterrupted run per method, shared by the tests below (ns draws its PNGs)."""
     root = tmp_path_factory.mktemp("methods")
     return {
-        m: (root / m, pipeline.run(_config(data_dir, method=m), str(root / m)))
+        m: (
+            root / m,
+            pipeline.run(_config(data_dir, method=m, write_plots=m == "ns"), str(root / m)),
+        )
         for m in ("dense", "ns", "lt")
     }
 
@@ -134,6 +137,7 @@ def test_report_compares_runs_in_one_table_and_a_chart(runs, tmp_path, capsys):
     assert float(rows["ns"][9].rstrip("x")) > 1  # a full dense search, then more
     assert (tmp_path / "cost.png").stat().st_size > 5_000
     assert (runs["ns"][0] / "cost.png").exists()
+    assert not (runs["dense"][0] / "cost.png").exists()  # write_plots=False
 
 
 def test_report_on_a_directory_without_a_run_is_a_one_line_error(tmp_path, capsys):

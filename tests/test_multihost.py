@@ -32,6 +32,7 @@ OVERRIDES = {
     "eb_window": 2,
     "eb_eps": 0.5,
     "retrain": "rewind",
+    "write_plots": False,
 }
 
 

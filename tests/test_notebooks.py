@@ -10,12 +10,12 @@ pytestmark = pytest.mark.slow  # end-to-end runs: pytest -m 'not slow' skips the
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = {
-    "quickstart": 8,
-    "mask_distance": 8,
+    "quickstart": 5,
+    "mask_distance": 5,
     "surgery": 2,
-    "reproduce_paper": 4,
+    "reproduce_paper": 2,
     "bring_your_own_model": 3,
-    "vit_early_bird": 4,
+    "vit_early_bird": 2,
 }
 # Extra parameters for the test's shorter runs: the grid notebook on the tiny VGG, one ratio.
 EXTRA = {

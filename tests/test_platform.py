@@ -49,6 +49,7 @@ def _faults_of_second_block(reuse: bool) -> int:
     return int(result.stdout)
 
 
+@pytest.mark.slow  # subprocesses
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc setting")
 def test_freed_host_memory_is_reused_without_page_faults():
     pages = 2**28 // 4096

@@ -36,7 +36,7 @@ def _config(data_dir, **overrides):
 @pytest.fixture(scope="module")
 def eb_run(tmp_path_factory, data_dir):
     workdir = tmp_path_factory.mktemp("vit_eb")
-    return workdir, pipeline.run(_config(data_dir), str(workdir))
+    return workdir, pipeline.run(_config(data_dir, write_plots=True), str(workdir))
 
 
 def test_eb_detects_cuts_heads_and_neurons_and_retrains(eb_run):
