@@ -17,7 +17,9 @@ LayerNorms' and softmaxes', not pooling.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -88,7 +90,23 @@ def _module_cost(module, inputs, out) -> dict | None:
 
 def _trace(model: nn.Module, input_shape, weight_mask=None) -> tuple[dict, int, int]:
     """Per conv/linear/BN module (by name): FLOPs, MACs, kept MACs, its input and output
-    channels; the ReLU and pooling FLOPs; the parameter count."""
+    channels; the ReLU and pooling FLOPs; the parameter count. Without a mask, each
+    (model, shape) is traced once per process (a grid's projection asks again and again)."""
+    if weight_mask is None:
+        try:
+            modules, activation_flops, params = _unmasked_trace(model, tuple(input_shape))
+        except TypeError:  # an unhashable module (a field holding a list): not cached
+            modules, activation_flops, params = _traced(model, input_shape, None)
+        return copy.deepcopy(modules), activation_flops, params
+    return _traced(model, input_shape, weight_mask)
+
+
+@functools.lru_cache(maxsize=256)
+def _unmasked_trace(model: nn.Module, input_shape: tuple) -> tuple[dict, int, int]:
+    return _traced(model, input_shape, None)
+
+
+def _traced(model: nn.Module, input_shape, weight_mask) -> tuple[dict, int, int]:
     # One conv primitive per Conv whatever the backend; no quantisers, fp32.
     model = model.clone(conv_impl="xla", precision=FP32)
     x = jnp.zeros((1, *input_shape), jnp.float32)
