@@ -1,10 +1,14 @@
 """The Colab notebooks run top to bottom (on CPU, with shorter schedules)."""
 
+import json
 import os
+import pathlib
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+
+from eb_jax import report
 
 pytestmark = pytest.mark.slow  # end-to-end runs: pytest -m 'not slow' skips them
 
@@ -40,3 +44,29 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, data_dir):
     outputs = [o for c in book.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the plots were drawn
     assert (tmp_path / "run").is_dir()
+    if name == "reproduce_paper":  # its Table 2 grid, end to end
+        assert_table2_is_its_runs(pathlib.Path(workdir) / "table2")
+
+
+def assert_table2_is_its_runs(directory) -> None:
+    """A finished table2 grid at p = 0.5 (the reproduce_paper notebook's): every cell is
+    its run's report.json, the improvement row follows from the cells, and table2.md has
+    a row per run."""
+    table = json.loads((directory / "table2.json").read_text())
+    assert len(table["runs"]) == 8
+    for cell in table["runs"]:
+        saved = report.read_reports([str(directory / cell["run"])])[0]
+        assert cell["test_accuracy"] == saved["test_accuracy"]
+        assert cell["training_pflops"] == saved["training_pflops"]
+    by_row = {c["row"]: c for c in table["runs"]}
+    baselines = ("LT (one-shot)", "SNIP", "NS", "ThiNet")
+    best = max(by_row[b]["test_accuracy"] for b in baselines)
+    improvement = table["improvement"]["0.5"]
+    assert improvement["accuracy_points"] == pytest.approx(
+        100 * (by_row["EB Train (FF)"]["test_accuracy"] - best)
+    )
+    cheapest = min(by_row[b]["training_pflops"] for b in baselines)
+    eb = min(c["training_pflops"] for r, c in by_row.items() if r.startswith("EB"))
+    assert improvement["flops_x"] == pytest.approx(cheapest / eb)
+    markdown = (directory / "table2.md").read_text()
+    assert markdown.count("\n| ") == 1 + 8 + 1 and "n/a" in markdown  # no meter here
