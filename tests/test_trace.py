@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from eb_jax.models import bn_scales, create_model
 from eb_jax.ticket import cut, narrow_model, trace_groups
+from eb_jax.ticket.groups import channel_groups
 from eb_jax.ticket.surgery import cut_ticket
 from eb_jax.ticket.trace import bn_paths_of
 
@@ -191,6 +192,8 @@ def test_preresnet_residual_read_before_its_batchnorm_is_frozen():
         ("preresnet_tiny", (8, 8, 3), {}),
         ("resnet_tiny", (16, 16, 3), {"prune_residual": True}),
         ("resnet_tiny_bottleneck", (16, 16, 3), {"prune_residual": True}),
+        ("resnet_tiny", (16, 16, 3), {}),  # the residual streams whole: cut(whole=...)
+        ("resnet_tiny_bottleneck", (16, 16, 3), {}),
     ],
 )
 def test_traced_groups_cut_the_built_in_families_as_the_declared_ones(name, shape, options):
@@ -202,8 +205,11 @@ def test_traced_groups_cut_the_built_in_families_as_the_declared_ones(name, shap
         selecting = [p[0].endswith("bn1") or p[0] == "bn_final" for p in model.bn_paths()]
         masks = [np.ones_like(m) if s else m for m, s in zip(masks, selecting, strict=True)]
     x = np.zeros((2, *shape), np.float32)
+    declared = {bn for g in channel_groups(model, **options) for bn in g.bns}
+    whole = [p for p in model.bn_paths() if p[-1] not in declared]
+    assert bool(whole) == (name.startswith("resnet") and not options)
     narrow, narrow_variables, kept = cut(
-        model, variables, dict(zip(model.bn_paths(), masks, strict=True)), x
+        model, variables, dict(zip(model.bn_paths(), masks, strict=True)), x, whole=whole
     )
     _, declared_variables, plan = cut_ticket(model, variables, masks, **options)
     assert jax.tree.map(np.shape, narrow_variables) == jax.tree.map(np.shape, declared_variables)

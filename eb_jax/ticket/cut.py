@@ -22,9 +22,13 @@ import numpy as np
 from eb_jax.ticket.trace import ChannelTrace, eval_kwargs, trace_channels
 
 
-def cut(model: nn.Module, variables, masks: dict, x, *, min_channels=1, round_to=0, **kwargs):
+def cut(
+    model: nn.Module, variables, masks: dict, x, *, min_channels=1, round_to=0, whole=(), **kwargs
+):
     """(narrow_model, narrow_variables, kept_masks) for per-BN keep-`masks` (BN path ->
-    bool vector). `kwargs` are `model.apply`'s (train=False is used for the trace)."""
+    bool vector). The groups of the BNs in `whole` stay whole, as a frozen group does
+    (e.g. a ResNet's residual streams). `kwargs` are `model.apply`'s (train=False is
+    used for the trace)."""
     if min_channels < 1 or round_to < 0:
         raise ValueError(
             f"min_channels must be >= 1 and round_to >= 0, got {min_channels}, {round_to}"
@@ -33,7 +37,8 @@ def cut(model: nn.Module, variables, masks: dict, x, *, min_channels=1, round_to
     if all(g.frozen for g in trace.groups):
         first = trace.groups[0].frozen
         raise ValueError(f"every channel group of this model is frozen, nothing to cut: {first}")
-    removed = removed_atoms(trace, _kept_channels(trace, masks, min_channels, round_to))
+    kept = _kept_channels(trace, masks, min_channels, round_to, _paths(whole))
+    removed = removed_atoms(trace, kept)
     narrow_variables = _slice_variables(variables, trace, removed)
     kept_masks = {bn: ~removed[atoms] for bn, atoms in trace.bn_scales.items()}
     narrow = narrow_model(model, _widths(trace, narrow_variables))
@@ -41,12 +46,17 @@ def cut(model: nn.Module, variables, masks: dict, x, *, min_channels=1, round_to
     return narrow, narrow_variables, kept_masks
 
 
-def _kept_channels(trace: ChannelTrace, masks: dict, min_channels: int, round_to: int):
+def _paths(keys) -> list[tuple]:
+    """BN paths given as tuples of module names, or one name for a top-level module."""
+    return [(k,) if isinstance(k, str) else tuple(k) for k in keys]
+
+
+def _kept_channels(trace: ChannelTrace, masks: dict, min_channels: int, round_to: int, whole):
     """Per channel id: does it stay."""
     kept = np.zeros(trace.scores.size, bool)
     scored = np.zeros_like(kept)
-    masks = {(k,) if isinstance(k, str) else tuple(k): v for k, v in masks.items()}
-    unknown = [k for k in masks if k not in trace.bn_scales]
+    masks = dict(zip(_paths(masks), masks.values(), strict=True))
+    unknown = [k for k in [*masks, *whole] if k not in trace.bn_scales]
     if unknown:
         names = ", ".join("/".join(k) for k in trace.bn_scales)
         raise ValueError(f"no BatchNorm {'/'.join(unknown[0])} in this model; it has: {names}")
@@ -63,7 +73,8 @@ def _kept_channels(trace: ChannelTrace, masks: dict, min_channels: int, round_to
     kept |= ~scored
     for group in trace.groups:
         ids = group.ids
-        keep = np.ones(ids.size, bool) if group.frozen else kept[ids].copy()
+        stays = group.frozen or any(bn in whole for bn in group.bns)
+        keep = np.ones(ids.size, bool) if stays else kept[ids].copy()
         target = max(int(keep.sum()), min(min_channels, ids.size))
         if round_to:
             target = min(ids.size, math.ceil(target / round_to) * round_to)

@@ -1,22 +1,30 @@
-"""Channel coupling, declared once per model family: which BN's channels index which
-array axes. The surgery (surgery.py) is family-agnostic code over these groups.
+"""Channel coupling of the built-in CNNs, found by tracing (trace.py): which BN's
+channels index which array axes. The surgery (surgery.py) is family-agnostic code over
+these groups.
 
 A `Group` is a set of channels pruned together. Its member BNs' masks decide which
 channels stay (a channel stays if any member keeps it); every listed array axis is then
-cut to those channels. A `select` group keeps its BNs at full width and turns the kept
-channels into a gather (PreResNet's channel selection); only its consumers are cut.
+cut to those channels. The traced groups of VGG, ResNet and PreResNet are named here by
+the width field each sets (`key`). A `select` group keeps its BNs at full width and turns
+the kept channels into a gather (PreResNet's channel selection, a layer of that model,
+not a coupling: declared below); only its consumers are cut.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 
+import jax
 import numpy as np
 
+from eb_jax.lowp import FP32
 from eb_jax.models.preresnet import PreResNet
 from eb_jax.models.resnet import ResNet
 from eb_jax.models.vgg import VGG
 from eb_jax.models.vit import ViT
+from eb_jax.ticket.trace import trace_channels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,12 +37,16 @@ class Group:
 
 def channel_groups(model, prune_residual: bool = False) -> list[Group]:
     """The coupling groups of `model` (`prune_residual`: ResNet residual widths too)."""
-    if isinstance(model, VGG):
-        return _vgg_groups(model)
-    if isinstance(model, PreResNet):
-        return _preresnet_groups(model)
-    if isinstance(model, ResNet):
-        return _resnet_groups(model, prune_residual)
+    if isinstance(model, (VGG, ResNet, PreResNet)):
+        plain = {"conv_impl": "xla", "precision": FP32}  # the same coupling, plainer ops
+        if isinstance(model, PreResNet):
+            plain["selections"] = None  # the selections are declared: _selection_groups
+        groups = list(_traced_groups(model.clone(**plain)))
+        if isinstance(model, ResNet) and not prune_residual:
+            groups = [g for g in groups if g.key[0] == "inner"]
+        if isinstance(model, PreResNet):
+            groups += _selection_groups(model)
+        return sorted(groups, key=_network_order)
     if isinstance(model, ViT):
         from eb_jax.ticket import vit_groups  # it builds on Group
 
@@ -117,86 +129,77 @@ def narrow_widths(model, kept: dict) -> dict:
     return widths
 
 
-def _vgg_groups(model: VGG) -> list[Group]:
-    n = len(model.conv_widths())
+@functools.lru_cache(maxsize=64)
+def _traced_groups(model) -> tuple[Group, ...]:
+    """The traced groups of a built-in model, keyed by the width field each sets; a
+    PreResNet's residual stream (never cut: its BNs select) left out."""
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    trace = trace_channels(model, variables, x)
+    kernels = [
+        (path[1], axis, trace.channel_of[atoms])
+        for path, axes in trace.leaves.items()
+        if path[0] == "params" and path[-1] == "kernel"
+        for axis, atoms in enumerate(axes)
+    ]
+    order = {path[-1]: i for i, path in enumerate(model.bn_paths())}
+    called = {path[0]: i for i, path in enumerate(trace.modules) if path}
+    kernels.sort(key=lambda k: (k[1] != 3, called[k[0]]))  # producers first, in call order
     groups = []
-    for i in range(n):
-        consumer = (f"conv{i + 1}", "kernel", 2) if i + 1 < n else ("classifier", "kernel", 0)
-        groups.append(Group(("conv", i), (f"bn{i}",), ((f"conv{i}", "kernel", 3), consumer)))
-    return groups
-
-
-def _preresnet_groups(model: PreResNet) -> list[Group]:
-    groups = []
-    for i, blk in enumerate(model.block_names()):
-        groups += [
-            Group(("select", i), (f"{blk}_bn1",), ((f"{blk}_conv1", "kernel", 2),), select=True),
-            Group(
-                ("inner", i, 0),
-                (f"{blk}_bn2",),
-                ((f"{blk}_conv1", "kernel", 3), (f"{blk}_conv2", "kernel", 2)),
-            ),
-            Group(
-                ("inner", i, 1),
-                (f"{blk}_bn3",),
-                ((f"{blk}_conv2", "kernel", 3), (f"{blk}_conv3", "kernel", 2)),
-            ),
-        ]
-    n = len(model.block_names())
-    groups.append(Group(("select", n), ("bn_final",), (("fc", "kernel", 0),), select=True))
-    return groups
-
-
-def _resnet_groups(model: ResNet, prune_residual: bool) -> list[Group]:
-    groups, i = [], 0
-    last = 3 if model.block == "bottleneck" else 2
-    for s, n in enumerate(model.stage_sizes):
-        for b in range(n):
-            blk = f"stage{s}_block{b}"
-            for j in range(1, last):  # the block interior: conv_j's outputs
-                groups.append(
-                    Group(
-                        ("inner", i, j - 1),
-                        (f"{blk}_bn{j}",),
-                        ((f"{blk}_conv{j}", "kernel", 3), (f"{blk}_conv{j + 1}", "kernel", 2)),
-                    )
-                )
-            i += 1
-    if prune_residual:
-        groups += _residual_groups(model, last)
-    return groups
-
-
-def _residual_groups(model: ResNet, last: int) -> list[Group]:
-    """One group per residual stream: every layer that adds into it, and its readers."""
-
-    def readers(s):  # the convs that read stage s's input stream
-        if s == len(model.stage_sizes):
-            return [("fc", "kernel", 0)]
-        cuts = [(f"stage{s}_block0_conv1", "kernel", 2)]
-        return cuts + (
-            [(f"stage{s}_block0_down_conv", "kernel", 2)] if model.has_downsample(s, 0) else []
+    for traced in trace.groups:
+        bns = tuple(sorted((bn[-1] for bn in traced.bns), key=order.get))
+        key = _group_key(model, bns)
+        if key is None:
+            continue
+        if traced.frozen:
+            raise ValueError(f"the trace freezes {bns} of {type(model).__name__}: {traced.frozen}")
+        cuts = tuple(
+            (module, "kernel", axis)
+            for module, axis, ids in kernels
+            if np.isin(ids, traced.ids).all()
         )
+        groups.append(Group(key, bns, cuts))
+    return tuple(groups)
 
-    groups = []
-    stem_joins_stage0 = not model.has_downsample(0, 0)  # basic blocks: identity from the stem
-    if not stem_joins_stage0:
-        groups.append(Group(("stem",), ("stem_bn",), (("stem_conv", "kernel", 3), *readers(0))))
-    for s, n in enumerate(model.stage_sizes):
-        bns, cuts = [], []
-        if s == 0 and stem_joins_stage0:
-            bns, cuts = ["stem_bn"], [("stem_conv", "kernel", 3)]
-        for b in range(n):
-            blk = f"stage{s}_block{b}"
-            bns.append(f"{blk}_bn{last}")
-            cuts.append((f"{blk}_conv{last}", "kernel", 3))
-            if model.has_downsample(s, b):
-                bns.append(f"{blk}_down_bn")
-                cuts.append((f"{blk}_down_conv", "kernel", 3))
-            if b > 0 or (s == 0 and stem_joins_stage0):  # reads this stage's own stream
-                cuts.append((f"{blk}_conv1", "kernel", 2))
-        groups.append(Group(("stage", s), tuple(bns), tuple(cuts + readers(s + 1))))
-    return groups
+
+def _group_key(model, bns: tuple) -> tuple | None:
+    """The width a traced group sets, from its BNs' names: ('conv', i) for VGG's layer i;
+    ('inner', block, j) for a block's j-th interior width; ('stage', s) for a ResNet
+    stage's residual stream, ('stem',) for a stem of its own; None for a PreResNet
+    stream (its BNs select instead)."""
+    if isinstance(model, VGG):
+        return ("conv", int(bns[0].removeprefix("bn")))
+    match = re.fullmatch(r"(stage\d+_block\d+)_bn(\d)", bns[0]) if len(bns) == 1 else None
+    if isinstance(model, PreResNet):  # bn2 and bn3 inside a block
+        if match and match[2] in ("2", "3"):
+            return ("inner", model.block_names().index(match[1]), int(match[2]) - 2)
+        return None
+    if match and int(match[2]) < (3 if model.block == "bottleneck" else 2):
+        return ("inner", model.block_names().index(match[1]), int(match[2]) - 1)
+    stages = {int(m[1]) for bn in bns if (m := re.match(r"stage(\d+)_", bn))}
+    return ("stage", stages.pop()) if stages else ("stem",)
+
+
+def _network_order(group: Group) -> tuple:
+    """The declared order: per block its selection, then its interior widths; the
+    residual streams after every block (stem first)."""
+    kind, *index = group.key
+    if kind == "stem":
+        return (1, -1)
+    if kind == "stage":
+        return (1, index[0])
+    return (0, index[0], 0 if kind == "select" else 1 + (index[1] if len(index) > 1 else 0))
+
+
+def _selection_groups(model: PreResNet) -> list[Group]:
+    """PreResNet's channel selections: each block-input BN (and the final one) keeps its
+    width; its kept channels are gathered for the layer that reads them."""
+    reads = [(f"{blk}_bn1", f"{blk}_conv1", 2) for blk in model.block_names()]
+    reads.append(("bn_final", "fc", 0))
+    return [
+        Group(("select", i), (bn,), ((reader, "kernel", axis),), select=True)
+        for i, (bn, reader, axis) in enumerate(reads)
+    ]
 
 
 def current_selection(model, group: Group, width: int) -> np.ndarray:
