@@ -103,10 +103,18 @@ def _residual_groups(model: ResNet, last: int) -> list[Group]:
 
 
 @pytest.mark.parametrize(
-    "name",
-    ["vgg_tiny", "vgg16", "preresnet_tiny", "resnet_tiny", "resnet_tiny_bottleneck", "resnet50"],
+    "name,prune_residual",
+    [
+        ("vgg_tiny", False),
+        ("vgg16", False),
+        ("preresnet_tiny", False),
+        ("resnet_tiny", False),
+        ("resnet_tiny", True),  # basic blocks: the stem adds into stage 0's stream
+        ("resnet_tiny_bottleneck", True),  # the stem's own stream
+        ("resnet50", False),
+        ("resnet50", True),
+    ],
 )
-@pytest.mark.parametrize("prune_residual", [False, True])
 def test_traced_groups_are_the_hand_declared_ones(name, prune_residual):
     model = create_model(name, 10)
     traced = channel_groups(model, prune_residual)
