@@ -6,8 +6,9 @@ A `Group` is a set of channels pruned together. Its member BNs' masks decide whi
 channels stay (a channel stays if any member keeps it); every listed array axis is then
 cut to those channels. The traced groups of VGG, ResNet and PreResNet are named here by
 the width field each sets (`key`). A `select` group keeps its BNs at full width and turns
-the kept channels into a gather (PreResNet's channel selection, a layer of that model,
-not a coupling: declared below); only its consumers are cut.
+the kept channels into a gather (PreResNet's channel selection: a BN on a residual stream,
+which is never cut, and the layer called next, which reads its channels); only that
+reader is cut.
 """
 
 from __future__ import annotations
@@ -40,12 +41,10 @@ def channel_groups(model, prune_residual: bool = False) -> list[Group]:
     if isinstance(model, (VGG, ResNet, PreResNet)):
         plain = {"conv_impl": "xla", "precision": FP32}  # the same coupling, plainer ops
         if isinstance(model, PreResNet):
-            plain["selections"] = None  # the selections are declared: _selection_groups
+            plain["selections"] = None  # the dense network's streams: _selection
         groups = list(_traced_groups(model.clone(**plain)))
         if isinstance(model, ResNet) and not prune_residual:
             groups = [g for g in groups if g.key[0] == "inner"]
-        if isinstance(model, PreResNet):
-            groups += _selection_groups(model)
         return sorted(groups, key=_network_order)
     if isinstance(model, ViT):
         from eb_jax.ticket import vit_groups  # it builds on Group
@@ -131,8 +130,8 @@ def narrow_widths(model, kept: dict) -> dict:
 
 @functools.lru_cache(maxsize=64)
 def _traced_groups(model) -> tuple[Group, ...]:
-    """The traced groups of a built-in model, keyed by the width field each sets; a
-    PreResNet's residual stream (never cut: its BNs select) left out."""
+    """The traced groups of a built-in model, keyed by the width field each sets; for a
+    PreResNet's residual streams (never cut), each BN's channel selection instead."""
     x = jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
     trace = trace_channels(model, variables, x)
@@ -149,7 +148,8 @@ def _traced_groups(model) -> tuple[Group, ...]:
     for traced in trace.groups:
         bns = tuple(sorted((bn[-1] for bn in traced.bns), key=order.get))
         key = _group_key(model, bns)
-        if key is None:
+        if key is None:  # a PreResNet stream
+            groups += [_selection(model, trace, bn) for bn in bns]
             continue
         if traced.frozen:
             raise ValueError(f"the trace freezes {bns} of {type(model).__name__}: {traced.frozen}")
@@ -191,15 +191,21 @@ def _network_order(group: Group) -> tuple:
     return (0, index[0], 0 if kind == "select" else 1 + (index[1] if len(index) > 1 else 0))
 
 
-def _selection_groups(model: PreResNet) -> list[Group]:
-    """PreResNet's channel selections: each block-input BN (and the final one) keeps its
-    width; its kept channels are gathered for the layer that reads them."""
-    reads = [(f"{blk}_bn1", f"{blk}_conv1", 2) for blk in model.block_names()]
-    reads.append(("bn_final", "fc", 0))
-    return [
-        Group(("select", i), (bn,), ((reader, "kernel", axis),), select=True)
-        for i, (bn, reader, axis) in enumerate(reads)
-    ]
+def _selection(model: PreResNet, trace, bn: str) -> Group:
+    """A PreResNet stream BN keeps its width; the layer the model calls right after it,
+    which reads its channels one for one (checked), reads only the kept ones (gathered)."""
+    calls = [path[0] for path in trace.modules if len(path) == 1]
+    reader = next(
+        m for m in calls[calls.index(bn) + 1 :] if ("params", m, "kernel") in trace.leaves
+    )
+    axes = trace.leaves[("params", reader, "kernel")]
+    axis = len(axes) - 2  # the input axis of a conv's or a dense layer's kernel
+    own = trace.channel_of[trace.bn_scales[(bn,)]]
+    if not np.array_equal(trace.channel_of[axes[axis]], own):
+        raise ValueError(f"PreResNet's {reader} does not read the channels of {bn} one for one")
+    blocks = model.block_names()
+    i = len(blocks) if bn == "bn_final" else blocks.index(bn.removesuffix("_bn1"))
+    return Group(("select", i), (bn,), ((reader, "kernel", axis),), select=True)
 
 
 def current_selection(model, group: Group, width: int) -> np.ndarray:
