@@ -92,13 +92,18 @@ def _trace(model: nn.Module, input_shape, weight_mask=None) -> tuple[dict, int, 
     """Per conv/linear/BN module (by name): FLOPs, MACs, kept MACs, its input and output
     channels; the ReLU and pooling FLOPs; the parameter count. Without a mask, each
     (model, shape) is traced once per process (a grid's projection asks again and again)."""
-    if weight_mask is None:
-        try:
-            modules, activation_flops, params = _unmasked_trace(model, tuple(input_shape))
-        except TypeError:  # an unhashable module (a field holding a list): not cached
-            modules, activation_flops, params = _traced(model, input_shape, None)
-        return copy.deepcopy(modules), activation_flops, params
-    return _traced(model, input_shape, weight_mask)
+    if weight_mask is not None or not _hashable(model):  # a field holding a list: uncached
+        return _traced(model, input_shape, weight_mask)
+    modules, activation_flops, params = _unmasked_trace(model, tuple(input_shape))
+    return copy.deepcopy(modules), activation_flops, params  # the cached one stays as traced
+
+
+def _hashable(model: nn.Module) -> bool:
+    try:
+        hash(model)
+    except TypeError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=256)

@@ -251,7 +251,7 @@ class _BN(nn.Module):
         return nn.relu(y) if self.relu else y
 
 
-@settings(max_examples=12, deadline=None, derandomize=True)
+@settings(max_examples=16, deadline=None, derandomize=True)
 @given(
     relu=st.booleans(),
     bf16=st.booleans(),
