@@ -144,8 +144,9 @@ def test_eval_keeps_torchvisions_resize_256_centre_crop_224():
 
 
 @pytest.fixture(scope="module")
-def jpegs_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
+def jpegs_dir(data_dir):
+    """The session's data_dir: the CLI's ImageNet test reads the same JPEGs, written once."""
+    return data_dir
 
 
 @pytest.fixture(scope="module")
