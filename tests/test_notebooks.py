@@ -21,10 +21,12 @@ EPOCHS = {
     "bring_your_own_model": 3,
     "vit_early_bird": 2,
 }
-# Extra parameters for the test's shorter runs: the grid notebook on the tiny VGG, one ratio.
+# Extra parameters for the test's shorter runs: the grid notebook on the tiny VGG, one
+# ratio; the ViT notebook on the 2-block ViT.
 EXTRA = {
     "reproduce_paper": '\nMODEL = "vgg_tiny"\nFIG1_RATIOS = (0.5,)',
     "bring_your_own_model": "\nTICKET_EPOCH = 1",  # drawn early enough to retrain
+    "vit_early_bird": '\nMODEL = "vit_tiny"',
 }
 
 
