@@ -1,6 +1,6 @@
 """Two local processes (127.0.0.1, one CPU device each) run EB Train together through
-jax.distributed: killed and resumed, they end with the ticket and parameters of one
-process with two devices."""
+jax.distributed: preempted, killed and resumed, they end with the ticket and parameters
+of one process with two devices."""
 
 import json
 import os
@@ -33,6 +33,7 @@ OVERRIDES = {
     "eb_eps": 0.5,
     "retrain": "rewind",
     "write_plots": False,
+    "checkpoint_every_steps": 5,  # steps 5, 10, 11 (the epoch's end), 15, 20, 22
 }
 
 
@@ -111,46 +112,41 @@ def _assert_same_run(workdir, single):
     jax.tree.map(np.testing.assert_array_equal, init, single_init)
 
 
-def test_two_processes_run_eb_train_as_one_process_with_two_devices_and_resume(
-    tmp_path, data_dir, single
-):
-    """Killed when the search's checkpoint appears, started again: the two processes cut
-    the ticket, retrain it and end bit-identical to one process with two devices."""
-    procs = _start(tmp_path, data_dir, _free_port())
-    deadline = time.time() + 180
-    while not (tmp_path / "checkpoints" / "11").is_dir():  # the first epoch's end
+def _wait_for_checkpoint(workdir, step, procs, timeout=180):
+    deadline = time.time() + timeout
+    while not (workdir / "checkpoints" / str(step)).is_dir():
         assert time.time() < deadline and all(p.poll() is None for p in procs)
         time.sleep(0.01)
-    for p in procs:
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-    outputs = _finish(_start(tmp_path, data_dir, _free_port()))
-    assert "resuming the run" in outputs[0]
-    assert "1 x cpu in each of 2 processes" in outputs[0] and "cut the p=0.5" in outputs[0]
-    assert "epoch   2/2" in outputs[0] and "epoch" not in outputs[1]  # process 0 reports
-    _assert_same_run(tmp_path, single)
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step_and_the_run_resumes(
+def test_two_processes_preempted_then_killed_end_as_one_process_with_two_devices(
     tmp_path, data_dir, single
 ):
-    """A preemption notice to process 1 alone (mid-epoch 2): JAX's sync point stops both
-    processes after the same step, each checkpointing it and exiting 143; started again,
-    the run ends bit-identical to one process with two devices."""
+    """A preemption notice to process 1 alone (as the first epoch's checkpoint appears):
+    JAX's sync point stops both processes after the same step, each checkpointing it and
+    exiting 143. Started again, both are killed as a later checkpoint appears; started
+    once more, the two processes end bit-identical to one process with two devices."""
     procs = _start(tmp_path, data_dir, _free_port())
-    deadline = time.time() + 180
-    while not (tmp_path / "checkpoints" / "11").is_dir():
-        assert time.time() < deadline and all(p.poll() is None for p in procs)
-        time.sleep(0.01)
+    _wait_for_checkpoint(tmp_path, 11, procs)
     procs[1].send_signal(signal.SIGTERM)
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [143, 143], outputs[1][-3000:]
-    stops = [o.strip().splitlines()[-1] for o in outputs]
+    preempted = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], preempted[1][-3000:]
+    stops = [o.strip().splitlines()[-1] for o in preempted]
     assert stops[0] == stops[1] and stops[0].startswith("eb_jax: stopped by SIGTERM after step")
     step = int(stops[0].split("after step ")[1].split(",")[0])
-    assert step > 11 and step in _steps(tmp_path)
+    assert 11 < step < 20 and step in _steps(tmp_path)
+    assert "1 x cpu in each of 2 processes" in preempted[0] and "cut the p=0.5" in preempted[0]
+
+    procs = _start(tmp_path, data_dir, _free_port())
+    _wait_for_checkpoint(tmp_path, 20, procs)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    killed = [p.communicate()[0] for p in procs]
+    assert f"from its checkpoint at step {step}" in killed[0]
+
     outputs = _finish(_start(tmp_path, data_dir, _free_port()))
-    assert f"from its checkpoint at step {step}" in outputs[0]
+    assert "resuming the run" in outputs[0] and "from its checkpoint at step 20" in outputs[0]
+    assert "epoch   2/2" in outputs[0] and "epoch" not in outputs[1]  # process 0 reports
     _assert_same_run(tmp_path, single)
 
 
