@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,6 +140,21 @@ def _config(data_dir, **overrides):
     return tiny_config(data_dir, **{**defaults, **overrides})
 
 
+@pytest.fixture(scope="module")
+def _first_epoch(tmp_path_factory, data_dir):
+    """One epoch of `_config`, run once for the module (checkpoints at steps 4, 8, 11)."""
+    workdir = tmp_path_factory.mktemp("first_epoch")
+    pipeline.run(_config(data_dir, num_epochs=1), str(workdir))
+    return workdir
+
+
+@pytest.fixture
+def first_epoch(_first_epoch, tmp_path):
+    """A copy of the module's one-epoch run in this test's tmp_path."""
+    shutil.copytree(_first_epoch, tmp_path, dirs_exist_ok=True)
+    return tmp_path
+
+
 def _damage(workdir, step, how):
     step_dir = os.path.join(workdir, "checkpoints", str(step))
     if how == "missing metadata":
@@ -158,31 +174,31 @@ def _damage(workdir, step, how):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncated", "corrupted", "missing metadata"])
-def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, data_dir, how, caplog):
-    pipeline.run(_config(data_dir, num_epochs=1), str(tmp_path))
-    steps = _steps(tmp_path)
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(
+    first_epoch, data_dir, how, caplog
+):
+    steps = _steps(first_epoch)
     assert steps == [4, 8, 11]
-    _damage(tmp_path, 11, how)
+    _damage(first_epoch, 11, how)
     with caplog.at_level("INFO", logger="eb_jax"):
-        pipeline.run(_config(data_dir, num_epochs=2), str(tmp_path))
+        pipeline.run(_config(data_dir, num_epochs=2), str(first_epoch))
     warnings = [
         r.getMessage() for r in caplog.records if r.name == "eb_jax" and r.levelname == "WARNING"
     ]
     assert len(warnings) == 1 and "checkpoint step 11 is damaged" in warnings[0]
     assert "\n" not in warnings[0]
-    assert any(e.startswith("damaged-11-") for e in _entries(tmp_path))  # kept, set aside
-    assert _steps(tmp_path)[-1] == 22
+    assert any(e.startswith("damaged-11-") for e in _entries(first_epoch))  # kept, set aside
+    assert _steps(first_epoch)[-1] == 22
     resumed = [r.getMessage() for r in caplog.records if "resuming" in r.getMessage()]
     assert "from its checkpoint at step 8" in resumed[0]
 
 
 @pytest.mark.slow
-def test_resuming_past_a_damaged_checkpoint_prints_only_eb_jax_s_line(tmp_path, data_dir):
+def test_resuming_past_a_damaged_checkpoint_prints_only_eb_jax_s_line(first_epoch, data_dir):
     """orbax's abandoned reads of the damaged step used to print tracebacks to stderr."""
-    pipeline.run(_config(data_dir, num_epochs=1), str(tmp_path))
-    _damage(tmp_path, 11, "truncated")
+    _damage(first_epoch, 11, "truncated")
     result = _main(
-        tmp_path,
+        first_epoch,
         data_dir,
         "--config.model=vgg_tiny",
         "--config.batch_size=128",
@@ -217,10 +233,9 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
 
 
 @pytest.mark.slow
-def test_config_that_does_not_match_the_checkpoint_is_a_clear_error(tmp_path, data_dir):
-    pipeline.run(_config(data_dir, num_epochs=1), str(tmp_path))
+def test_config_that_does_not_match_the_checkpoint_is_a_clear_error(first_epoch, data_dir):
     result = _main(
-        tmp_path,
+        first_epoch,
         data_dir,
         "--config.model=vgg_tiny",
         "--config.batch_size=64",
@@ -230,7 +245,7 @@ def test_config_that_does_not_match_the_checkpoint_is_a_clear_error(tmp_path, da
     assert len(errors) == 1
     assert "batch_size: 128 there, 64 now" in errors[0]
     assert "another --workdir" in errors[0]
-    assert _steps(tmp_path) == [4, 8, 11]  # nothing touched
+    assert _steps(first_epoch) == [4, 8, 11]  # nothing touched
 
 
 @pytest.mark.slow
