@@ -5,8 +5,10 @@ import signal
 import tempfile
 
 # Before JAX starts: 2 CPU devices; a collective that hangs fails in 10 s, not forever;
-# and cheap compilation (LLVM's optimisations off: the tests' tiny networks spend far
-# longer compiling than running; every result compared is computed under the same flags).
+# and cheap compilation: the tests' tiny networks spend far longer compiling than running,
+# so LLVM's optimisations are off and fusions use XLA's older emitters (half the compile
+# time of the MLIR fusion emitters, the same run time here). Every result compared is
+# computed under the same flags (subprocesses and notebook kernels inherit them).
 os.environ["XLA_FLAGS"] = " ".join(
     [
         os.environ.get("XLA_FLAGS", ""),
@@ -14,6 +16,7 @@ os.environ["XLA_FLAGS"] = " ".join(
         "--xla_cpu_collective_call_terminate_timeout_seconds=10",
         "--xla_backend_optimization_level=0",
         "--xla_llvm_disable_expensive_passes=true",
+        "--xla_cpu_use_fusion_emitters=false",
     ]
 ).strip()
 
