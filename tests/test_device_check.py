@@ -3,24 +3,24 @@ script cannot rot) and writes its JSON and table, saying what it skipped and why
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _quick(out, *args, timeout=600):
-    cmd = [sys.executable, "benchmarks/device_check.py", "--quick", "--out", str(out), *args]
-    env = {**os.environ, "PYTHONPATH": ROOT}  # the suite runs without installing eb_jax
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+def _quick(out, monkeypatch, *args) -> int:
+    """`device_check.py --quick --out out *args`, in this process (as its `main`)."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")  # main sets it; kept here
+    import device_check
+
+    return device_check.main(["--quick", "--out", str(out), *args])
 
 
 @pytest.mark.slow
-def test_quick_device_check_measures_every_section_on_cpu(tmp_path):
-    result = _quick(tmp_path)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+def test_quick_device_check_measures_every_section_on_cpu(tmp_path, monkeypatch):
+    assert _quick(tmp_path, monkeypatch) == 0
     results = json.loads((tmp_path / "device_check.json").read_text())
     assert results["errors"] == {} and results["quick"] is True
     assert results["environment"]["backend"] == "cpu" and results["environment"]["host_cores"]
@@ -61,11 +61,9 @@ def test_quick_device_check_measures_every_section_on_cpu(tmp_path):
 
 
 def test_sections_past_the_budget_are_skipped_and_said_so(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
-    import device_check
+    assert _quick(tmp_path, monkeypatch, "--budget", "-1") == 0
+    import device_check  # on the path now
 
-    code = device_check.main(["--quick", "--out", str(tmp_path), "--budget", "-1"])
-    assert code == 0
     results = json.loads((tmp_path / "device_check.json").read_text())
     not_started = [r for r in results["skipped"] if "not started" in r]
     assert [r.split(":")[0] for r in not_started] == list(device_check.SECTIONS)
