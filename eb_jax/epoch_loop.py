@@ -152,7 +152,7 @@ class Trainer:
 
     def bn_scales(self) -> list:
         """The BN scale vectors (first device's copy) in module order."""
-        return bn_scales(self.model, jax.tree.map(lambda x: x[0], self.state.params))
+        return parallel.unreplicate(bn_scales(self.model, self.state.params))
 
     def train_epoch(self, epoch: int) -> dict:
         """Trains the rest of `epoch` (all of it unless resumed mid-epoch) with the

@@ -82,8 +82,16 @@ def replicate(tree):
 
 
 def unreplicate(tree):
-    """The first device's copy, on the host."""
-    return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+    """The first device's copy, on the host: copied from that device's shard (indexing
+    `x[0]` would compile and run a gather per leaf shape)."""
+    return jax.tree.map(_first_copy, tree)
+
+
+def _first_copy(x):
+    if not isinstance(x, jax.Array):
+        return np.asarray(x)[0]
+    first = min(x.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+    return np.array(first.data)[0]  # a copy: the state's buffers are donated to the step
 
 
 def device_copies(tree):
