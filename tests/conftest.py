@@ -1,6 +1,8 @@
 """Two forced CPU devices for every test, so pmap code runs multi-device here."""
 
+import atexit
 import os
+import shutil
 import signal
 import tempfile
 
@@ -21,8 +23,11 @@ os.environ["XLA_FLAGS"] = " ".join(
 ).strip()
 
 # Compiled programs are cached on disk for the session: runs and subprocesses that
-# compile the same steps (most tests train the same tiny networks) skip recompiling.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="eb_jax_xla_cache_"))
+# compile the same steps (most tests train the same tiny networks) skip recompiling. The
+# process that makes the cache (pytest's, before its workers start) removes it at exit.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="eb_jax_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
