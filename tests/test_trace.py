@@ -21,7 +21,6 @@ from eb_jax.ticket.trace import bn_paths_of
 ZOO = ["MobileNetV2", "ResNeXt", "DenseNet", "SEResNet", "UNet", "FlattenHead"]
 NO_SHRINK = (Phase.explicit, Phase.reuse, Phase.generate)  # each example traces a model
 _MODELS = {}
-_DENSE_STEPS = {}
 
 
 def _drawn(model, x, seed=0):
@@ -68,11 +67,10 @@ def _n_params(variables):
     return sum(np.size(leaf) for leaf in jax.tree.leaves(variables["params"]))
 
 
+@functools.cache
 def _dense_eval_and_train(name):
     """`_eval_and_train` of the zoo's dense `name`, compiled once for every mask."""
-    if name not in _DENSE_STEPS:
-        _DENSE_STEPS[name] = jax.jit(functools.partial(_eval_and_train, _model(name)[0]))
-    return _DENSE_STEPS[name]
+    return jax.jit(functools.partial(_eval_and_train, _model(name)[0]))
 
 
 def _eval_and_train(model, variables, x):
