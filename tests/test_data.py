@@ -141,3 +141,18 @@ def test_unknown_or_unprepared_dataset_is_a_clear_error(tmp_path):
     (tmp_path / "cifar10" / "3.0.2" / "cifar10-train.tfrecord-00000-of-00001").write_bytes(b"")
     with pytest.raises(DataError, match="as tfrecord: convert it with `tfds convert_format"):
         open_dataset("cifar10", str(tmp_path))
+
+
+def test_an_in_memory_split_is_read_once_per_process_until_its_files_change(tmp_path):
+    first = open_dataset("digits", str(tmp_path))
+    again = open_dataset("digits", str(tmp_path))
+    assert again.train.images is first.train.images and again.eval.labels is first.eval.labels
+    assert not first.train.images.flags.writeable  # shared by every run: nobody writes it
+    with pytest.raises(ValueError, match="read-only"):
+        first.train.images[0] = 0
+    record = next((tmp_path / "sklearn_digits").glob("*/sklearn_digits-train.array_record*"))
+    record.touch()  # rewritten (the same bytes)
+    reread = open_dataset("digits", str(tmp_path))
+    assert reread.train.images is not first.train.images
+    np.testing.assert_array_equal(reread.train.images, first.train.images)
+    assert reread.eval.images is not first.eval.images  # its dataset's files changed

@@ -17,6 +17,9 @@ import concurrent.futures
 
 import numpy as np
 
+_KEEP = 4  # splits kept by ArraySource.read_once: CIFAR's train and test ~180 MB
+_READ: dict = {}
+
 
 class ArraySource:
     """A split as arrays: `images` uint8 [N, H, W, C], `labels` int32 [N].
@@ -33,6 +36,19 @@ class ArraySource:
         examples = (source[i] for i in range(len(source)))
         images, labels = zip(*((e["image"], e["label"]) for e in examples), strict=True)
         return cls(np.stack(images).astype(np.uint8), np.asarray(labels, np.int32))
+
+    @classmethod
+    def read_once(cls, source, files_key) -> ArraySource:
+        """`read(source)`, kept for this process under `files_key` (what identifies the files
+        read: changed files make a new key), so the runs of a grid or a notebook read a
+        split once. The arrays are read-only: every run shares them."""
+        if files_key not in _READ:
+            if len(_READ) >= _KEEP:
+                del _READ[next(iter(_READ))]  # the oldest
+            split = cls.read(source)
+            split.images.flags.writeable = split.labels.flags.writeable = False
+            _READ[files_key] = split
+        return _READ[files_key]
 
     def __len__(self) -> int:
         return len(self.labels)

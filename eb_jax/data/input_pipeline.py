@@ -132,9 +132,8 @@ def open_dataset(name: str, data_dir: str | None = None) -> Dataset:
             )
             for split in (spec.train_split, spec.eval_split)
         )
-        num_classes = (
-            tfds.builder(spec.tfds_name, data_dir=data_dir).info.features["label"].num_classes
-        )
+        builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+        num_classes = builder.info.features["label"].num_classes
     except Exception as e:  # tfds raises many types for a missing or unreadable dataset
         where = data_dir or "the default TFDS data_dir"
         if _has_tfrecords(data_dir, spec.tfds_name):
@@ -152,8 +151,27 @@ def open_dataset(name: str, data_dir: str | None = None) -> Dataset:
             f"({type(e).__name__}); {fix}"
         ) from None
     if spec.in_memory:
-        train, eval_ = in_memory.ArraySource.read(train), in_memory.ArraySource.read(eval_)
+        files = _files_key(builder.data_dir)
+        train, eval_ = (
+            _read_in_memory(source, files, split)
+            for source, split in ((train, spec.train_split), (eval_, spec.eval_split))
+        )
     return Dataset(spec, train, eval_, num_classes)
+
+
+def _files_key(directory: str) -> tuple | None:
+    """The prepared dataset's files as (path, size, mtime): a rewritten file changes it.
+    None where there are no files (tfds's mock data)."""
+    if not os.path.isdir(directory):
+        return None
+    entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    return tuple((e.path, e.stat().st_size, e.stat().st_mtime_ns) for e in entries)
+
+
+def _read_in_memory(source, files: tuple | None, split: str) -> in_memory.ArraySource:
+    if files is None:
+        return in_memory.ArraySource.read(source)
+    return in_memory.ArraySource.read_once(source, (files, split))
 
 
 def _has_tfrecords(data_dir: str | None, name: str) -> bool:
