@@ -145,7 +145,8 @@ class Trainer:
         start, config, shape = time.perf_counter(), self.ctx.config, self.ctx.data.spec.image_shape
         train_batch = _batch_spec(config.batch_size, shape, False)
         eval_batch = _batch_spec(config.eval_batch_size, shape, True)
-        self.p_train = self.p_train.lower(self.state, train_batch, *self.mask_args).compile()
+        if self.epoch < self.plan.end_epoch:  # else nothing is left to train (a 0-epoch stage)
+            self.p_train = self.p_train.lower(self.state, train_batch, *self.mask_args).compile()
         self.p_eval = self.p_eval.lower(self.state, eval_batch).compile()
         self.compiling_s = time.perf_counter() - start
         self.ctx.clock.compile_s += self.compiling_s
