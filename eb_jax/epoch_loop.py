@@ -121,14 +121,9 @@ class Trainer:
         self.started = time.perf_counter()
         self.learning_rate = None  # the last step's, as the train step reports it
         self.marks = resume.marks or _stage_start_marks(self)
-        step_fn = functools.partial(
-            train_steps.train_step,
-            precision=model.precision,
-            seed=ctx.config.seed,
-            label_smoothing=ctx.config.label_smoothing,
-        )
-        self.p_train = parallel.pmap_step(step_fn)
-        self.p_eval = parallel.pmap_step(train_steps.eval_step, donate_state=False)
+        config = ctx.config
+        self.p_train = _pmapped_train_step(model.precision, config.seed, config.label_smoothing)
+        self.p_eval = _pmapped_eval_step()
         self.wait = parallel.must_wait_each_step()
 
     @property
@@ -224,6 +219,21 @@ class Trainer:
     def _check_finite(self) -> None:
         if self.sums is not None and not math.isfinite(host_sums(self.sums)["loss_sum"]):
             raise _diverged(self)
+
+
+# One pmapped step per setting for the process: equal stages (equal models, optimizers and
+# shapes) reuse its compiled program instead of tracing and compiling it again.
+@functools.cache
+def _pmapped_train_step(precision: Precision, seed: int, label_smoothing: float):
+    step_fn = functools.partial(
+        train_steps.train_step, precision=precision, seed=seed, label_smoothing=label_smoothing
+    )
+    return parallel.pmap_step(step_fn)
+
+
+@functools.cache
+def _pmapped_eval_step():
+    return parallel.pmap_step(train_steps.eval_step, donate_state=False)
 
 
 def train_epochs(trainer: Trainer, before_epoch=None, stop=None) -> None:

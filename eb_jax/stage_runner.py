@@ -81,7 +81,7 @@ def fresh_state(ctx: RunContext, plan: StagePlan, model, variables) -> train_ste
         model.bn_paths() if isinstance(model, Custom) else None,  # not a LayerNorm's scale
     )
     state = train_steps.TrainState.create(
-        apply_fn=data_lib.normalizing(model.apply, ctx.data.spec),
+        apply_fn=data_lib.normalizing(model, ctx.data.spec),
         params=variables["params"],
         batch_stats=variables.get("batch_stats", {}),
         tx=tx,

@@ -8,6 +8,7 @@ DataParallel.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax
@@ -50,10 +51,33 @@ def cosine_schedule(base_lr: float, warmup_epochs: int, epochs: int, steps_per_e
     )
 
 
+class _ConfigKey:
+    """A config as a cache key: equal when their JSON is equal (the config rides along)."""
+
+    def __init__(self, config):
+        self.config, self.json = config, config.to_json(sort_keys=True)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _ConfigKey) and self.json == other.json
+
+    def __hash__(self) -> int:
+        return hash(self.json)
+
+
 def stage_lr(config, steps_per_epoch: int, lr_origin: int = 0, stage: str = ""):
     """The learning rate at each global step of a stage whose schedule starts at step
     `lr_origin`: the one source the optimizer and the logged learning rate read. A
-    'search' stage takes config.search_lr where that sets a learning rate."""
+    'search' stage takes config.search_lr where that sets a learning rate.
+
+    Equal arguments give the same function (as `create_optimizer` gives the same
+    optimizer): the TrainStates of equal stages compare equal and share JAX's compiled
+    steps within a process (a grid's runs, a resumed run, a notebook's reruns)."""
+    return _stage_lr(_ConfigKey(config), steps_per_epoch, lr_origin, stage)
+
+
+@functools.lru_cache(maxsize=64)
+def _stage_lr(key: _ConfigKey, steps_per_epoch: int, lr_origin: int, stage: str):
+    config = key.config
     if config.lr_schedule == "cosine":
         schedule = cosine_schedule(
             config.learning_rate, config.warmup_epochs, config.num_epochs, steps_per_epoch
@@ -113,7 +137,25 @@ def create_optimizer(
     `sparsity`: s, default `config.sparsity` (0 where no ticket is drawn from the scales).
     `precision` 'bfp8': g quantised after the sparsity term, buf after each update.
     `bn_paths`: the BNs the sparsity acts on (a factory's network), default every 'scale'.
+    Equal arguments give the same optimizer (see `stage_lr`).
     """
+    bn_paths = None if bn_paths is None else tuple(tuple(p) for p in bn_paths)
+    return _optimizer(
+        _ConfigKey(config),
+        steps_per_epoch,
+        start_step,
+        sparsity,
+        precision,
+        learning_rate_fn,
+        bn_paths,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _optimizer(
+    key: _ConfigKey, steps_per_epoch, start_step, sparsity, precision, learning_rate_fn, bn_paths
+) -> optax.GradientTransformation:
+    config = key.config
     sparsity = config.sparsity if sparsity is None else sparsity
     learning_rate_fn = learning_rate_fn or stage_lr(config, steps_per_epoch)
     schedule = learning_rate_fn
@@ -154,7 +196,13 @@ def init_variables(model, rng, input_shape) -> dict:
     # Partitionable threefry takes seconds to compile per shape on CPU; init is never
     # sharded, so the classic threefry (as fast to compile as it is to run) is used.
     with jax.threefry_partitionable(False):
-        return jax.jit(model.init)(rng, jnp.zeros((1, *input_shape), jnp.float32))
+        return _init(model, rng, jnp.zeros((1, *input_shape), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(model, rng, images):
+    """`model.init`, compiled once per (equal) model and shape in a process."""
+    return model.init(rng, images)
 
 
 def create_train_state(model, rng, input_shape, tx, apply_fn=None) -> TrainState:

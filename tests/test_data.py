@@ -1,5 +1,6 @@
 """Input pipelines: the offline digits, determinism, eval coverage, augmentation."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,15 +96,20 @@ def test_normalising_on_the_device_in_a_jitted_step_equals_the_host_formula():
     assert model_input(floats, mean, std) is floats
 
 
-def _identity_model(variables, images, train):
-    return images
+class _Identity(nn.Module):
+    @nn.compact
+    def __call__(self, images, train):
+        return images
 
 
 def test_a_normalising_apply_feeds_the_model_floats_and_keeps_jit_caches_shared():
     spec = DATASETS["digits"]
-    apply = normalizing(_identity_model, spec)
-    assert apply == normalizing(_identity_model, spec)  # same static field: no recompiling
-    assert hash(apply) == hash(normalizing(_identity_model, spec))
+    apply = normalizing(_Identity(), spec)
+    # An equal model built again (each run builds its own): an equal static field, so
+    # the compiled steps are shared.
+    assert apply == normalizing(_Identity(), spec)
+    assert hash(apply) == hash(normalizing(_Identity(), spec))
+    assert apply != normalizing(_Identity(name="other"), spec)
     white = apply({}, np.full((1, 8, 8, 1), 255, np.uint8), train=False)
     np.testing.assert_allclose(white, (1 - spec.mean[0]) / spec.std[0], rtol=1e-6)
 

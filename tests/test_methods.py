@@ -153,3 +153,29 @@ def test_load_config_by_name_or_path_with_overrides():
         load_config("quickstart", epochz=3)
     with pytest.raises(ConfigError, match="no config file 'nope'"):
         load_config("nope")
+
+
+def test_an_equal_run_in_the_same_process_compiles_nothing(tmp_path, data_dir):
+    """Equal stages build equal TrainStates (the same optimizer and LR function, an
+    apply_fn equal by its model), so a rerun reuses every compiled program: a grid's
+    runs, a resumed run, a notebook's reruns."""
+    from jax import monitoring
+
+    config = _config(data_dir, num_epochs=1, ticket_epoch=1)
+    first = pipeline.run(config, str(tmp_path / "first"))
+    compiled = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kwargs.get("fun_name"))
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        again = pipeline.run(
+            _config(data_dir, num_epochs=1, ticket_epoch=1), str(tmp_path / "again")
+        )
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+    assert compiled == []
+    assert again["test_accuracy"] == first["test_accuracy"]
+    assert [s["stage"] for s in again["stages"]] == ["search", "retrain"]

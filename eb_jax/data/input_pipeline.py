@@ -19,7 +19,7 @@ import dataclasses
 import io
 import math
 import os
-from collections.abc import Callable
+from typing import Any
 
 import grain
 import jax
@@ -289,19 +289,21 @@ def model_input(images, mean, std) -> jax.Array:
 class NormalizingApply:
     """A model's `apply` that takes the batches' uint8 images (`model_input` first).
 
-    A TrainState's `apply_fn`: equal instances compare equal, so states of one model
-    share their compiled steps."""
+    A TrainState's `apply_fn`: it holds the model (a linen Module, equal to any other
+    with the same fields), not its bound `apply` (equal only to itself), so the states of
+    equal models compare equal and share their compiled steps."""
 
-    apply: Callable
+    model: Any  # anything with `apply(variables, images, ...)`
     mean: tuple
     std: tuple
 
     def __call__(self, variables, images, *args, **kwargs):
-        return self.apply(variables, model_input(images, self.mean, self.std), *args, **kwargs)
+        images = model_input(images, self.mean, self.std)
+        return self.model.apply(variables, images, *args, **kwargs)
 
 
-def normalizing(apply: Callable, spec: DatasetSpec) -> NormalizingApply:
-    return NormalizingApply(apply, tuple(spec.mean), tuple(spec.std))
+def normalizing(model, spec: DatasetSpec) -> NormalizingApply:
+    return NormalizingApply(model, tuple(spec.mean), tuple(spec.std))
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
