@@ -10,7 +10,6 @@ import os
 import tempfile
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from eb_jax import (
@@ -182,7 +181,9 @@ def _new_search(config, phases, model, input_shape) -> TicketSearch | None:
     if not methods.draws_tickets(phases):
         return None
     detector = EarlyBirdDetector(config.eb_window, config.eb_eps, config.eb_rule)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))
+    shapes = jax.eval_shape(
+        lambda: train_steps.init_variables(model, jax.random.key(0), input_shape)
+    )
     sizes = [s.shape[0] for s in bn_scales(model, shapes["params"])]
     return TicketSearch(
         config.monitor_ratios, config.prune_ratio, detector, sizes, mask_function(model)
