@@ -14,7 +14,7 @@ import os
 import jax
 import numpy as np
 
-from eb_jax import cost, energy, methods, names, parallel, platform, report, train_steps
+from eb_jax import cost, energy, methods, models, names, parallel, platform, report, train_steps
 from eb_jax import data as data_lib
 from eb_jax.checkpoint import load_model
 from eb_jax.config import ConfigError, stage_precision
@@ -81,7 +81,7 @@ def fresh_state(ctx: RunContext, plan: StagePlan, model, variables) -> train_ste
         model.bn_paths() if isinstance(model, Custom) else None,  # not a LayerNorm's scale
     )
     state = train_steps.TrainState.create(
-        apply_fn=data_lib.normalizing(model, ctx.data.spec),
+        apply_fn=data_lib.normalizing(models.apply_fn(model), ctx.data.spec),
         params=variables["params"],
         batch_stats=variables.get("batch_stats", {}),
         tx=tx,

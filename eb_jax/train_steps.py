@@ -9,6 +9,7 @@ DataParallel.
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any
 
 import flax
@@ -18,6 +19,7 @@ import optax
 from flax.training import train_state
 
 from eb_jax import lowp, names
+from eb_jax.models import built_from_fields
 from eb_jax.models.layers import BN_MOMENTUM
 
 
@@ -52,10 +54,12 @@ def cosine_schedule(base_lr: float, warmup_epochs: int, epochs: int, steps_per_e
 
 
 class _ConfigKey:
-    """A config as a cache key: equal when their JSON is equal (the config rides along)."""
+    """A config as a cache key: equal when their JSON is equal (the config rides along).
+    A value JSON cannot hold is keyed by its repr: equal only where the repr is."""
 
     def __init__(self, config):
-        self.config, self.json = config, config.to_json(sort_keys=True)
+        self.config = config
+        self.json = json.dumps(config.to_dict(), sort_keys=True, default=repr)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, _ConfigKey) and self.json == other.json
@@ -195,8 +199,11 @@ def init_variables(model, rng, input_shape) -> dict:
     """The model's params and batch_stats for inputs of shape (H, W, C)."""
     # Partitionable threefry takes seconds to compile per shape on CPU; init is never
     # sharded, so the classic threefry (as fast to compile as it is to run) is used.
+    images = jnp.zeros((1, *input_shape), jnp.float32)
     with jax.threefry_partitionable(False):
-        return _init(model, rng, jnp.zeros((1, *input_shape), jnp.float32))
+        if built_from_fields(model):
+            return _init(model, rng, images)
+        return jax.jit(model.init)(rng, images)
 
 
 @functools.partial(jax.jit, static_argnums=0)

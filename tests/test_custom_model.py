@@ -3,6 +3,7 @@ resumed after the cut to the same result, rebuilt by `load_model`; the one-line 
 
 import math
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -106,3 +107,29 @@ def test_bn_sparsity_on_a_custom_model_spares_its_layernorm():
     assert moved == set(model.bn_paths()) and moved
     everything, _ = train_steps.add_bn_sparsity(0.5).update(zeros, None, params)  # every 'scale'
     assert any("LayerNorm" in "/".join(p) for p, u in _leaves(everything) if np.any(u))
+
+
+class ListWidths(nn.Module):
+    """A network with a list field: flax cannot hash it."""
+
+    widths: list
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        for width in self.widths:
+            x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Dense(width)(x)))
+        return x
+
+
+def test_a_network_that_cannot_be_hashed_still_initialises_and_trains():
+    """Only eb_jax's own networks are compared by value (to share compiled programs); any
+    other Module is used as itself, hashable or not."""
+    model = ListWidths([4, 3])
+    variables = train_steps.init_variables(model, jax.random.key(0), (5,))
+    assert variables["params"]["Dense_1"]["kernel"].shape == (4, 3)
+    config = _config("unused")
+    tx = train_steps.create_optimizer(config, 10)
+    state = train_steps.create_train_state(model, jax.random.key(0), (5,), tx)
+    batch = {"image": np.ones((2, 5), np.float32), "label": np.zeros(2, np.int32)}
+    state, metrics = jax.jit(train_steps.train_step)(state, batch)
+    assert int(state.step) == 1 and np.isfinite(metrics["loss_sum"])

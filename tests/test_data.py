@@ -18,6 +18,7 @@ from eb_jax.data import (
     open_dataset,
     train_batches,
 )
+from eb_jax.models import apply_fn, create_model
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +103,22 @@ class _Identity(nn.Module):
         return images
 
 
+def _identity_apply(variables, images, train):
+    return images
+
+
 def test_a_normalising_apply_feeds_the_model_floats_and_keeps_jit_caches_shared():
     spec = DATASETS["digits"]
-    apply = normalizing(_Identity(), spec)
-    # An equal model built again (each run builds its own): an equal static field, so
-    # the compiled steps are shared.
-    assert apply == normalizing(_Identity(), spec)
-    assert hash(apply) == hash(normalizing(_Identity(), spec))
-    assert apply != normalizing(_Identity(name="other"), spec)
+    apply = normalizing(_identity_apply, spec)
+    assert apply == normalizing(_identity_apply, spec)  # same static field: no recompiling
+    assert hash(apply) == hash(normalizing(_identity_apply, spec))
+    # eb_jax's networks rebuilt by each run: their apply_fn are equal too.
+    vgg = normalizing(apply_fn(create_model("vgg_tiny", 10)), spec)
+    assert vgg == normalizing(apply_fn(create_model("vgg_tiny", 10)), spec)
+    assert vgg != normalizing(apply_fn(create_model("vgg_tiny", 100)), spec)
+    # A network of any other class (a factory's, redefined by a notebook's rerun cell
+    # under the same name) shares nothing with an equal-looking one.
+    assert normalizing(apply_fn(_Identity()), spec) != normalizing(apply_fn(_Identity()), spec)
     white = apply({}, np.full((1, 8, 8, 1), 255, np.uint8), train=False)
     np.testing.assert_allclose(white, (1 - spec.mean[0]) / spec.std[0], rtol=1e-6)
 
@@ -162,3 +171,10 @@ def test_an_in_memory_split_is_read_once_per_process_until_its_files_change(tmp_
     assert reread.train.images is not first.train.images
     np.testing.assert_array_equal(reread.train.images, first.train.images)
     assert reread.eval.images is not first.eval.images  # its dataset's files changed
+
+
+def test_mocked_examples_are_never_cached_as_the_prepared_files(tmp_path):
+    real = open_dataset("digits", str(tmp_path))
+    with tfds.testing.mock_data(num_examples=7, data_dir=str(tmp_path)):
+        assert len(open_dataset("digits", str(tmp_path)).train) == 7
+    assert open_dataset("digits", str(tmp_path)).train.images is real.train.images

@@ -16,10 +16,11 @@ domain when the crop allows it, and crop and resize are one Pillow call.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import io
 import math
 import os
-from typing import Any
+from collections.abc import Callable
 
 import grain
 import jax
@@ -159,10 +160,18 @@ def open_dataset(name: str, data_dir: str | None = None) -> Dataset:
     return Dataset(spec, train, eval_, num_classes)
 
 
+def _data_source_method():
+    return inspect.getattr_static(tfds.core.DatasetBuilder, "as_data_source")
+
+
+_REAL_DATA_SOURCE = _data_source_method()  # tfds.testing.mock_data swaps it
+
+
 def _files_key(directory: str) -> tuple | None:
     """The prepared dataset's files as (path, size, mtime): a rewritten file changes it.
-    None where there are no files (tfds's mock data)."""
-    if not os.path.isdir(directory):
+    None where the examples do not come from files (tfds.testing.mock_data)."""
+    mocked = _data_source_method() is not _REAL_DATA_SOURCE
+    if mocked or not os.path.isdir(directory):
         return None
     entries = sorted(os.scandir(directory), key=lambda e: e.name)
     return tuple((e.path, e.stat().st_size, e.stat().st_mtime_ns) for e in entries)
@@ -289,21 +298,19 @@ def model_input(images, mean, std) -> jax.Array:
 class NormalizingApply:
     """A model's `apply` that takes the batches' uint8 images (`model_input` first).
 
-    A TrainState's `apply_fn`: it holds the model (a linen Module, equal to any other
-    with the same fields), not its bound `apply` (equal only to itself), so the states of
-    equal models compare equal and share their compiled steps."""
+    A TrainState's `apply_fn`: equal instances compare equal, so states of one model
+    share their compiled steps (models.apply_fn gives an `apply` equal across equal models)."""
 
-    model: Any  # anything with `apply(variables, images, ...)`
+    apply: Callable
     mean: tuple
     std: tuple
 
     def __call__(self, variables, images, *args, **kwargs):
-        images = model_input(images, self.mean, self.std)
-        return self.model.apply(variables, images, *args, **kwargs)
+        return self.apply(variables, model_input(images, self.mean, self.std), *args, **kwargs)
 
 
-def normalizing(model, spec: DatasetSpec) -> NormalizingApply:
-    return NormalizingApply(model, tuple(spec.mean), tuple(spec.std))
+def normalizing(apply: Callable, spec: DatasetSpec) -> NormalizingApply:
+    return NormalizingApply(apply, tuple(spec.mean), tuple(spec.std))
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

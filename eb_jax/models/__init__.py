@@ -6,6 +6,7 @@ Every model has `bn_paths()`, the param paths of its BatchNorm layers in module 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -47,6 +48,32 @@ MODELS = {
     ),
     "vit_tiny": functools.partial(ViT, patch_size=4, hidden=16, depth=2, num_heads=2, mlp_dim=16),
 }
+
+
+BUILT_IN = (VGG, PreResNet, ResNet, ViT)
+
+
+def built_from_fields(model) -> bool:
+    """Is `model` one of eb_jax's own networks, whose structure is its fields alone? Equal
+    ones may share compiled programs. A factory's network is not: its code can be
+    redefined under the same name (a notebook's rerun cell), and its Module may hold
+    fields that cannot be hashed."""
+    return type(model) in BUILT_IN
+
+
+@dataclasses.dataclass(frozen=True)
+class _ApplyOf:
+    model: nn.Module
+
+    def __call__(self, *args, **kwargs):
+        return self.model.apply(*args, **kwargs)
+
+
+def apply_fn(model):
+    """`model.apply` as a TrainState's static field: for eb_jax's own networks equal to
+    that of any equal model (bound methods are equal only to themselves), so equal stages
+    share their compiled steps; a factory's network keeps its own bound `apply`."""
+    return _ApplyOf(model) if built_from_fields(model) else model.apply
 
 
 def create_model(
