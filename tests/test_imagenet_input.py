@@ -187,7 +187,7 @@ if __name__ == "__main__":
     same(list(train_batches(data, 32, 0, 1, start_step=3)), full[3:])  # resumed mid-epoch
     same(list(train_batches(data, 32, 0, 1, start_step=3, num_workers=2)), full[3:])
     same(list(eval_batches(data, 32, num_workers=2)), list(eval_batches(data, 32)))
-    early = train_batches(data, 32, 0, 1, num_workers=1)
+    early = train_batches(data, 32, 0, 1, num_workers=2)
     next(early)
     early.close()  # a consumer that stops early
     print("checked", len(full), "train batches")
