@@ -161,7 +161,7 @@ def _optimizer(
 ) -> optax.GradientTransformation:
     config = key.config
     sparsity = config.sparsity if sparsity is None else sparsity
-    learning_rate_fn = learning_rate_fn or stage_lr(config, steps_per_epoch)
+    learning_rate_fn = learning_rate_fn or _stage_lr(key, steps_per_epoch, 0, "")
     schedule = learning_rate_fn
     if start_step:  # the optimizer counts its own updates from 0
         schedule = lambda count: learning_rate_fn(count + start_step)  # noqa: E731
